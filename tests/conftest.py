@@ -1,0 +1,55 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 96
+
+
+def tiny_model(family: str, dtype=torch.float32, seed: int = 0):
+    """A random-init causal LM of a few tens of thousands of parameters, in eval mode."""
+    torch.manual_seed(seed)
+    if family == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        model = LlamaForCausalLM(config)
+    elif family == "opt":
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=32)
+        model = OPTForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def lm_closure(model, seed: int = 0, batch: int = 4, length: int = 12):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
+    return lambda: model(input_ids=ids, labels=ids).loss
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+FAMILIES = ["llama", "opt", "gpt2"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def restore(model, weights: dict):
+    """Copy a snapshot back in (tied weights are one parameter, so load_state_dict would miss them)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[name])

@@ -35,9 +35,9 @@ def test_backends_agree(distribution):
     b = directions.direction(11, 22, 40_003, start=5, distribution=distribution, backend="numba")
     if distribution == "rademacher":
         assert torch.equal(a, b)
-    else:  # float64 log/sin/cos may differ in the last bit between libraries
-        assert torch.allclose(a, b, rtol=0, atol=1e-6)
-        assert (a != b).float().mean() < 1e-3
+    else:  # float32 log/sin/cos differ in the last bits between libm and torch
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert a.abs().max() > 3  # the tails are covered, not just |z| < 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,7 +91,7 @@ def test_streams_are_pinned():
     assert directions.hash64("param", "model.layers.0.mlp.up_proj.weight") == 0xD1D5B96A483F6237
     assert directions.derive_seed(0, 0, 0) == 0x2ED838DB9A93B31D
     z = directions.direction(0, directions.hash64("param", "w"), 4, distribution="gaussian")
-    assert torch.allclose(z, torch.tensor([0.821520984172821, 1.002485990524292, -0.3369643986225128, -0.6580893397331238]), atol=1e-6)
+    assert torch.allclose(z, torch.tensor([0.8215214014053345, 1.002485752105713, -0.33696448802948, -0.6580892205238342]), atol=1e-6)
     r = directions.direction(0, 1, 4, distribution="rademacher")
     assert r.tolist() == [-1.0, -1.0, 1.0, -1.0]
 

@@ -15,8 +15,11 @@ _M1 = np.uint64(0xCD9E8D57)
 _W0 = np.uint64(0x9E3779B9)
 _W1 = np.uint64(0xBB67AE85)
 _SH32 = np.uint64(32)
-_TWO_PI = 2.0 * math.pi
-_INV_2_32 = 2.0**-32
+_TWO_PI = np.float32(2.0 * math.pi)
+_INV_2_23 = np.float32(2.0**-23)
+_HALF = np.float32(0.5)
+_MINUS_TWO = np.float32(-2.0)
+_SH9 = np.uint64(9)
 
 
 @njit(inline="always")
@@ -40,10 +43,15 @@ def _philox_block(block, k0, k1, c2, c3):
 
 
 @njit(inline="always")
+def _uniform(x):
+    # 23 bits + 0.5 fit float32 exactly: u in (0, 1), the same on every backend.
+    return (np.float32(x >> _SH9) + _HALF) * _INV_2_23
+
+
+@njit(inline="always")
 def _gaussian_pair(x, y):
-    u = (np.float64(x) + 0.5) * _INV_2_32
-    r = math.sqrt(-2.0 * math.log(u))
-    theta = _TWO_PI * ((np.float64(y) + 0.5) * _INV_2_32)
+    r = math.sqrt(_MINUS_TWO * math.log(_uniform(x)))
+    theta = _TWO_PI * _uniform(y)
     return r * math.cos(theta), r * math.sin(theta)
 
 
@@ -66,10 +74,10 @@ def fill_philox(out, start, k0, k1, c2, c3, gaussian):
             v0, v1 = _gaussian_pair(x0, x1)
             v2, v3 = _gaussian_pair(x2, x3)
         else:
-            v0 = 1.0 - 2.0 * np.float64(x0 >> np.uint64(31))
-            v1 = 1.0 - 2.0 * np.float64(x1 >> np.uint64(31))
-            v2 = 1.0 - 2.0 * np.float64(x2 >> np.uint64(31))
-            v3 = 1.0 - 2.0 * np.float64(x3 >> np.uint64(31))
+            v0 = np.float32(1.0) - np.float32(2.0) * np.float32(x0 >> np.uint64(31))
+            v1 = np.float32(1.0) - np.float32(2.0) * np.float32(x1 >> np.uint64(31))
+            v2 = np.float32(1.0) - np.float32(2.0) * np.float32(x2 >> np.uint64(31))
+            v3 = np.float32(1.0) - np.float32(2.0) * np.float32(x3 >> np.uint64(31))
         base = block * 4 - start
         if 0 <= base < n:
             out[base] = v0

@@ -53,3 +53,36 @@ def restore(model, weights: dict):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(weights[name])
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+WORDS = ["the", "film", "is", "a", "story", "with", "actors", "and", "plot", "very", "quite", "good", "fun",
+         "lovely", "moving", "smart", "warm", "bad", "dull", "awful", "boring", "weak", "cold", "it", "was",
+         "terrible", "great", "neutral", "It", "review", ":", "."]
+
+
+def save_tiny_model(folder, family: str = "llama", masked: bool = False):
+    """A random-init model + word-level tokenizer saved as a Hugging Face folder (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[MASK]", "[EOS]"]
+    vocab = {word: i for i, word in enumerate(special + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                        mask_token="[MASK]", eos_token="[EOS]")
+    if masked:
+        torch.manual_seed(0)
+        model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=64))
+    else:
+        model = tiny_model(family)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -55,38 +55,56 @@ def _gaussian_pair(x, y):
     return r * math.cos(theta), r * math.sin(theta)
 
 
+@njit(inline="always")
+def _fill_block(out, start, n, block, k0, k1, c2, c3, gaussian):
+    x0, x1, x2, x3 = _philox_block(block, k0, k1, c2, c3)
+    if gaussian:
+        v0, v1 = _gaussian_pair(x0, x1)
+        v2, v3 = _gaussian_pair(x2, x3)
+    else:
+        v0 = np.float32(1.0) - np.float32(2.0) * np.float32(x0 >> np.uint64(31))
+        v1 = np.float32(1.0) - np.float32(2.0) * np.float32(x1 >> np.uint64(31))
+        v2 = np.float32(1.0) - np.float32(2.0) * np.float32(x2 >> np.uint64(31))
+        v3 = np.float32(1.0) - np.float32(2.0) * np.float32(x3 >> np.uint64(31))
+    base = block * 4 - start
+    if 0 <= base < n:
+        out[base] = v0
+    if 0 <= base + 1 < n:
+        out[base + 1] = v1
+    if 0 <= base + 2 < n:
+        out[base + 2] = v2
+    if 0 <= base + 3 < n:
+        out[base + 3] = v3
+
+
+@njit(inline="always")
+def _blocks(start, n):
+    first_block = start // 4
+    return first_block, (start + n - 1) // 4 - first_block + 1
+
+
 @njit(parallel=True, cache=True)
 def fill_philox(out, start, k0, k1, c2, c3, gaussian):
     """Write z[start : start + len(out)] of the stream (k0, k1, c2, c3) into ``out``."""
     n = out.shape[0]
     if n == 0:
         return
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
-    c2 = np.uint64(c2)
-    c3 = np.uint64(c3)
-    first_block = start // 4
-    n_blocks = (start + n - 1) // 4 - first_block + 1
+    first_block, n_blocks = _blocks(start, n)
     for b in prange(n_blocks):
-        block = first_block + b
-        x0, x1, x2, x3 = _philox_block(block, k0, k1, c2, c3)
-        if gaussian:
-            v0, v1 = _gaussian_pair(x0, x1)
-            v2, v3 = _gaussian_pair(x2, x3)
-        else:
-            v0 = np.float32(1.0) - np.float32(2.0) * np.float32(x0 >> np.uint64(31))
-            v1 = np.float32(1.0) - np.float32(2.0) * np.float32(x1 >> np.uint64(31))
-            v2 = np.float32(1.0) - np.float32(2.0) * np.float32(x2 >> np.uint64(31))
-            v3 = np.float32(1.0) - np.float32(2.0) * np.float32(x3 >> np.uint64(31))
-        base = block * 4 - start
-        if 0 <= base < n:
-            out[base] = v0
-        if 0 <= base + 1 < n:
-            out[base + 1] = v1
-        if 0 <= base + 2 < n:
-            out[base + 2] = v2
-        if 0 <= base + 3 < n:
-            out[base + 3] = v3
+        _fill_block(out, start, n, first_block + b, np.uint64(k0), np.uint64(k1), np.uint64(c2), np.uint64(c3),
+                    gaussian)
+
+
+@njit(cache=True)
+def fill_philox_serial(out, start, k0, k1, c2, c3, gaussian):
+    """:func:`fill_philox` on one thread: for small tensors, where waking the thread pool costs more."""
+    n = out.shape[0]
+    if n == 0:
+        return
+    first_block, n_blocks = _blocks(start, n)
+    for b in range(n_blocks):
+        _fill_block(out, start, n, first_block + b, np.uint64(k0), np.uint64(k1), np.uint64(c2), np.uint64(c3),
+                    gaussian)
 
 
 @njit(cache=True)

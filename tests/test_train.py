@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.config import TrainConfig
+from zotune.train import Interrupted, Run, resume_config, train
+
+from .conftest import DATA
+
+
+def config(model_dir, out, **extra):
+    values = dict(model=str(model_dir), task="csv", data=str(DATA / "reviews.csv"), template="{text} It was",
+                  candidates="neg=terrible,pos=great", n_train=16, n_dev=4, n_test=8, steps=4, batch_size=2,
+                  eval_every=2, output=str(out), progress=False)
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2}
+
+
+def final_weights(out, method):
+    if method == "lora-ft":
+        return load_file(out / "adapter" / "adapter_model.safetensors")
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["mezo", "ft", "lora-ft"])
+def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch, method):
+    straight = tmp_path / "straight"
+    result = train(config(tiny_model_dir, straight, method=method, lr=LRS[method]))
+    names = {p.name for p in straight.iterdir()}
+    assert {"config.yaml", "samples.json", "metrics.jsonl", "result.json"} <= names
+    assert ("adapter" if method == "lora-ft" else "model") in names
+    assert ("trajectory.json" in names) == (method == "mezo") and "checkpoint" not in names
+    assert result["steps"] == 4 and 0 <= result["test_accuracy"] <= 1
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "test_accuracy": result["zero_shot_accuracy"]}
+    assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4] and "dev_accuracy" in rows[2]
+    assert all(k in rows[1] for k in ("loss", "lr", "examples_per_s", "peak_memory_mb"))
+    assert ("projected_grad" in rows[1]) == (method == "mezo")
+
+    # Ctrl-C after step 2 (the signal handler only sets the flag), then --resume.
+    interrupted = tmp_path / "interrupted"
+    original = Run.train_step
+
+    def stop_after_two(self, step):
+        record = original(self, step)
+        self._stop = step == 1
+        return record
+
+    monkeypatch.setattr(Run, "train_step", stop_after_two)
+    with pytest.raises(Interrupted, match="--resume"):
+        train(config(tiny_model_dir, interrupted, method=method, lr=LRS[method]))
+    assert (interrupted / "checkpoint").is_dir() and not (interrupted / "result.json").exists()
+    monkeypatch.setattr(Run, "train_step", original)
+    resumed = train(resume_config(str(interrupted), {"progress": False}), resume=True)
+
+    a, b = final_weights(straight, method), final_weights(interrupted, method)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == result["test_accuracy"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("examples_per_s", "peak_memory_mb")} for r in rows]
+    again = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert strip(again) == strip(rows)
+
+
+def test_training_changes_only_what_the_method_trains(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    train(config(tiny_model_dir, tmp_path / "mezo", method="mezo", lr=1e-2, zero_shot=False))
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "mezo" / "model")
+    changed = [not torch.equal(a, b) for a, b in zip(base.parameters(), tuned.parameters())]
+    assert all(changed)
+    train(config(tiny_model_dir, tmp_path / "lora", method="lora-ft", lr=1e-2, zero_shot=False))
+    adapter = load_file(tmp_path / "lora" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)
+
+
+def test_resume_refuses_changed_settings_and_finished_runs(tiny_model_dir, tmp_path):
+    from zotune.errors import UserError
+
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, out, steps=1, zero_shot=False))
+    with pytest.raises(UserError, match="cannot change: lr"):
+        resume_config(str(out), {"lr": 0.5})
+    with pytest.raises(UserError, match="has finished"):
+        train(resume_config(str(out), {"steps": 3}), resume=True)
+    with pytest.raises(UserError, match="holds another run"):
+        train(config(tiny_model_dir, out))
+    train(config(tiny_model_dir, out, steps=1, zero_shot=False, overwrite=True))
+
+
+def test_library_run_leaves_the_global_rng_alone(tiny_model_dir, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(config(tiny_model_dir, tmp_path / "run", method="lora-ft", steps=2, zero_shot=False))
+    assert torch.equal(torch.rand(3), expected)

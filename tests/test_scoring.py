@@ -24,10 +24,11 @@ def causal(request, tmp_path):
     return model, tokenizer, kind
 
 
-def test_causal_scores_match_unpadded_reference(causal):
+@pytest.mark.parametrize("candidates", [["great", "very good"], ["terrible", "great"]])
+def test_causal_scores_match_unpadded_reference(causal, candidates):
     model, tokenizer, kind = causal
-    # Candidates of different lengths and prompts of different lengths exercise the padding.
-    candidates = ["great", "very good"]
+    # Prompts (and candidates) of different lengths exercise the padding; single-token
+    # candidates take the one-forward-per-prompt path.
     scorer = Scorer(model, tokenizer, candidates, kind)
     prompts = ["the film is good It was", "a dull story It was", "it was"]
     with torch.no_grad():

@@ -58,6 +58,8 @@ class Scorer:
     def _causal_scores(self, prompts):
         n_cand = len(self.candidate_ids)
         longest = max(len(ids) for ids in self.candidate_ids)
+        if longest == 1:  # one forward per prompt scores every single-token candidate at once
+            return self._next_token_scores(prompts)
         rows, lengths = [], []
         for prompt in prompts:
             prompt_ids = self._prompt_ids(prompt, self.max_length - longest)
@@ -65,13 +67,8 @@ class Scorer:
                 rows.append(prompt_ids + cand)
                 lengths.append(len(cand))
         input_ids, attention = self._pad(rows, left=True)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention)
-        if self.position_ids:  # left padding: count positions from each row's first real token
-            kwargs["position_ids"] = (attention.cumsum(1) - 1).clamp(min=0)
         keep = longest + 1
-        if self.logits_to_keep:
-            kwargs["logits_to_keep"] = keep
-        logits = self.model(**kwargs).logits[:, -keep:].float()
+        logits = self.model(**self._causal_inputs(input_ids, attention, keep)).logits[:, -keep:].float()
         targets = input_ids[:, -longest:]
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         lengths = torch.tensor(lengths, device=logp.device)
@@ -79,6 +76,22 @@ class Scorer:
         on_candidate = position.unsqueeze(0) >= (longest - lengths).unsqueeze(1)
         mean = (logp * on_candidate).sum(1) / lengths
         return mean.view(len(prompts), n_cand)
+
+    def _next_token_scores(self, prompts):
+        input_ids, attention = self._pad([self._prompt_ids(p, self.max_length - 1) for p in prompts], left=True)
+        logits = self.model(**self._causal_inputs(input_ids, attention, keep=1)).logits[:, -1].float()
+        return torch.log_softmax(logits, dim=-1)[:, self._first_tokens(logits.device)]
+
+    def _causal_inputs(self, input_ids, attention, keep: int) -> dict:
+        kwargs = dict(input_ids=input_ids, attention_mask=attention)
+        if self.position_ids:  # left padding: count positions from each row's first real token
+            kwargs["position_ids"] = (attention.cumsum(1) - 1).clamp(min=0)
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        return kwargs
+
+    def _first_tokens(self, device):
+        return torch.tensor([ids[0] for ids in self.candidate_ids], device=device)
 
     def _masked_scores(self, prompts):
         rows = [self._prompt_ids(p + " " + self.tokenizer.mask_token, self.max_length) for p in prompts]
@@ -88,8 +101,7 @@ class Scorer:
         # The mask we appended is the last one in each row.
         position = (at_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
         mask_logits = logits[torch.arange(len(rows), device=logits.device), position].float()
-        words = torch.tensor([ids[0] for ids in self.candidate_ids], device=logits.device)
-        return torch.log_softmax(mask_logits, dim=-1)[:, words]
+        return torch.log_softmax(mask_logits, dim=-1)[:, self._first_tokens(logits.device)]
 
     def _pad(self, rows, left: bool):
         width = max(len(r) for r in rows)

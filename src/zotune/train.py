@@ -12,6 +12,7 @@ import math
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,7 +107,9 @@ class Run:
         lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
                           target_modules=targets)
         try:
-            self.model = get_peft_model(self.model, lora)
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's business
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = get_peft_model(self.model, lora)
         except ValueError as error:
             raise UserError(f"--lora-targets {self.config.lora_targets}: {str(error).splitlines()[0]}") from None
 

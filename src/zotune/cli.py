@@ -15,7 +15,7 @@ EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "tex
                "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "progress")
 # The demo: LoRA fine-tuning is what shows a clear gain within a few CPU minutes on a
 # 135M model; MeZO needs thousands of steps (see README).
-DEMO = dict(model="smollm2", task="rt-sst2", method="lora-ft", steps=60, batch_size=8, lr=5e-4, n_train=1000,
+DEMO = dict(model="smollm2", task="rt-sst2", method="lora-ft", steps=120, batch_size=8, lr=5e-4, n_train=1000,
             n_dev=0, n_test=300, eval_batch_size=32, output="runs/demo", overwrite=True)
 
 

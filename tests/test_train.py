@@ -18,29 +18,32 @@ def config(model_dir, out, **extra):
     return TrainConfig(**values)
 
 
-LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2}
+LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2, "lmao": 1e-2}
 
 
 def final_weights(out, method):
+    if method == "lmao":  # the merged model and the adapter must both match
+        return {**load_file(out / "model" / "model.safetensors"),
+                **{"adapter." + k: v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items()}}
     if method == "lora-ft":
         return load_file(out / "adapter" / "adapter_model.safetensors")
     return load_file(out / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["mezo", "ft", "lora-ft"])
+@pytest.mark.parametrize("method", ["mezo", "ft", "lora-ft", "lmao"])
 def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch, method):
     straight = tmp_path / "straight"
     result = train(config(tiny_model_dir, straight, method=method, lr=LRS[method]))
     names = {p.name for p in straight.iterdir()}
     assert {"config.yaml", "samples.json", "metrics.jsonl", "result.json"} <= names
-    assert ("adapter" if method == "lora-ft" else "model") in names
-    assert ("trajectory.json" in names) == (method == "mezo") and "checkpoint" not in names
+    assert ("adapter" in names) == (method in ("lora-ft", "lmao")) and ("model" in names) == (method != "lora-ft")
+    assert ("trajectory.json" in names) == (method in ("mezo", "lmao")) and "checkpoint" not in names
     assert result["steps"] == 4 and 0 <= result["test_accuracy"] <= 1
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 0, "test_accuracy": result["zero_shot_accuracy"]}
     assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4] and "dev_accuracy" in rows[2]
     assert all(k in rows[1] for k in ("loss", "lr", "examples_per_s", "peak_memory_mb"))
-    assert ("projected_grad" in rows[1]) == (method == "mezo")
+    assert ("projected_grad" in rows[1]) == (method in ("mezo", "lmao"))
 
     # Ctrl-C after step 2 (the signal handler only sets the flag), then --resume.
     interrupted = tmp_path / "interrupted"
@@ -64,6 +67,14 @@ def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("examples_per_s", "peak_memory_mb")} for r in rows]
     again = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert strip(again) == strip(rows)
+
+
+def test_lmao_run_exports_a_merged_model_that_evaluates_like_the_adapted_one(tiny_model_dir, tmp_path):
+    from zotune.evaluation import evaluate_run
+
+    out = tmp_path / "lmao"
+    result = train(config(tiny_model_dir, out, method="lmao", lr=1e-2, lr_base=1e-2, zero_shot=False))
+    assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
 
 
 def test_training_changes_only_what_the_method_trains(tiny_model_dir, tmp_path):

@@ -11,8 +11,8 @@ import yaml
 
 from zotune.errors import UserError
 
-METHODS = ("mezo", "ft", "lora-ft")
-DEFAULT_LR = {"mezo": 1e-6, "ft": 1e-5, "lora-ft": 1e-4}
+METHODS = ("mezo", "ft", "lora-ft", "lmao")
+DEFAULT_LR = {"mezo": 1e-6, "ft": 1e-5, "lora-ft": 1e-4, "lmao": 1e-4}
 
 
 def _opt(default, help, **extra):
@@ -34,18 +34,21 @@ class TrainConfig:
     n_train: int = _opt(1000, "training examples drawn from the train pool")
     n_dev: int = _opt(500, "dev examples drawn from the train pool (disjoint from train)")
     n_test: int = _opt(1000, "test examples drawn from the test pool")
-    method: str = _opt("mezo", "mezo (zeroth order), ft (AdamW, all weights) or lora-ft (peft LoRA, AdamW)",
-                       choices=METHODS)
+    method: str = _opt("mezo", "mezo (zeroth order), ft (AdamW, all weights), lora-ft (peft LoRA, AdamW) or lmao "
+                       "(LoRA AdamW + zeroth order on the base weights)", choices=METHODS)
     steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(16, "training examples per step")
-    lr: float | None = _opt(None, "learning rate (default: mezo 1e-6, ft 1e-5, lora-ft 1e-4)")
+    lr: float | None = _opt(None, "learning rate; for lmao the adapters' (default: mezo 1e-6, ft 1e-5, lora-ft and "
+                            "lmao 1e-4)")
+    lr_base: float = _opt(1e-6, "lmao: zeroth-order learning rate of the base weights (constant)")
+    max_grad_norm: float = _opt(1.0, "lmao: clipping of the adapters' gradient norm")
     eps: float = _opt(1e-3, "mezo: perturbation scale")
     n_samples: int = _opt(1, "mezo: perturbations per step (n-SPSA)")
     distribution: str = _opt("gaussian", "mezo: direction distribution", choices=("gaussian", "rademacher"))
     weight_decay: float = _opt(0.0, "weight decay (not applied to biases and norms)")
-    lora_r: int = _opt(8, "lora-ft: rank")
-    lora_alpha: int = _opt(16, "lora-ft: alpha (scale alpha/r)")
-    lora_targets: str = _opt("q_proj,v_proj", "lora-ft: comma-separated target module names")
+    lora_r: int = _opt(8, "lora-ft, lmao: rank")
+    lora_alpha: int = _opt(16, "lora-ft, lmao: alpha (scale alpha/r)")
+    lora_targets: str = _opt("q_proj,v_proj", "lora-ft, lmao: comma-separated target module names")
     eval_every: int = _opt(0, "evaluate on the dev set every N steps (0: never during training)")
     zero_shot: bool = _opt(True, "evaluate on the test set before training")
     eval_batch_size: int = _opt(32, "examples per evaluation batch")
@@ -69,6 +72,8 @@ class TrainConfig:
         for name in ("n_dev", "n_test", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.lr_base < 0 or self.max_grad_norm <= 0:
+            raise UserError("--lr-base must be 0 or more and --max-grad-norm positive")
         if self.eps <= 0:
             raise UserError(f"--eps must be positive, got {self.eps}")
         if self.lr is not None and self.lr < 0:

@@ -29,12 +29,12 @@ def evaluate_model(config: TrainConfig, adapter: str | None = None) -> dict:
 def evaluate_run(run_dir: str, progress: bool = True) -> dict:
     config, folder = _run_config(run_dir)
     config.progress = progress
+    if (folder / "model").is_dir():  # LMAO runs have an adapter too, but the merged model is the result
+        config.model = str(folder / "model")
+        return evaluate_model(config)
     if (folder / "adapter").is_dir():
         return evaluate_model(config, adapter=str(folder / "adapter"))
-    if not (folder / "model").is_dir():
-        raise UserError(f"{run_dir} has no final model yet (unfinished run?): resume it first")
-    config.model = str(folder / "model")
-    return evaluate_model(config)
+    raise UserError(f"{run_dir} has no final model yet (unfinished run?): resume it first")
 
 
 def replay_run(run_dir: str, output: str | None = None) -> str:
@@ -44,7 +44,8 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
     config, folder = _run_config(run_dir)
     trajectory = folder / "trajectory.json"
     if config.method != "mezo" or not trajectory.is_file():
-        raise UserError(f"{run_dir} is not a finished MeZO run (no trajectory.json)")
+        raise UserError(f"{run_dir} is not a finished MeZO run (no trajectory.json); LMAO runs replay through "
+                        "zotune.replay on the peft-wrapped model")
     model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
     zotune.replay(parameter_groups(model, config.weight_decay), trajectory)
     target = Path(output) if output else folder / "replayed"

@@ -87,15 +87,20 @@ class Run:
         self.task = tasks.build_task(config)
         self.split = tasks.sample(self.task, config.n_train, config.n_dev, config.n_test, config.seed)
         self.model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind)
-        if config.method == "lora-ft":
+        if config.method in ("lora-ft", "lmao"):
             self._wrap_lora()
         self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length)
-        groups = parameter_groups(self.model, config.weight_decay)
-        if config.method == "mezo":
-            self.optimizer = zotune.MeZO(groups, lr=config.lr, eps=config.eps, n_samples=config.n_samples,
+        if config.method == "lmao":
+            self.optimizer = zotune.LMAO(self.model, lr_lora=config.lr, lr_base=config.lr_base, eps=config.eps,
+                                         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                                         distribution=config.distribution, n_samples=config.n_samples,
+                                         seed=config.seed)
+        elif config.method == "mezo":
+            self.optimizer = zotune.MeZO(parameter_groups(self.model, config.weight_decay), lr=config.lr,
+                                         eps=config.eps, n_samples=config.n_samples,
                                          distribution=config.distribution, seed=config.seed)
         else:
-            self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
+            self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.lr)
         self.state = {"step": 0, "zero_shot": None, "dev": None, "train_seconds": 0.0}
         self._orders: dict[int, list[int]] = {}
         self._stop = False
@@ -129,14 +134,16 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+    def _changing(self) -> dict[str, torch.Tensor]:
+        """The parameters the method updates: LMAO updates all of them, in two phases."""
+        everything = self.config.method == "lmao"
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if everything or p.requires_grad}
 
     def save_checkpoint(self):
         final, partial = self.out / "checkpoint", self.out / "checkpoint.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        save_file(self._trainable(), partial / "weights.safetensors")
+        save_file(self._changing(), partial / "weights.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, partial / "state.pt")
         (partial / "progress.json").write_text(json.dumps(self.state))
         shutil.rmtree(final, ignore_errors=True)
@@ -169,8 +176,11 @@ class Run:
         prompts = [self.task.prompt(e) for e in examples]
         labels = [e.label for e in examples]
         record = {"step": step + 1}
-        if self.config.method == "mezo":
-            self.model.eval()  # dropout would make the two perturbed losses differ
+        if self.config.method in ("mezo", "lmao"):
+            if self.config.method == "lmao":  # the paper decays the adapters' rate linearly; resume-safe
+                for group in self.optimizer.fo.param_groups:
+                    group["lr"] = self.config.lr * (1 - step / self.config.steps)
+            self.model.eval()  # dropout would make the two perturbed losses differ (LMAO's FO phase trains)
             loss = self.optimizer.step(lambda: self.scorer.loss(prompts, labels))
             record["projected_grad"] = sum(self.optimizer.last_step.grads) / self.config.n_samples
         else:
@@ -240,13 +250,16 @@ class Run:
 
     def finish(self) -> dict:
         test = self.evaluate(self.split.test, "test")["accuracy"]
-        if self.config.method == "lora-ft":
+        method = self.config.method
+        if method in ("lora-ft", "lmao"):
             self.model.save_pretrained(self.out / "adapter")
-        else:
-            self.model.save_pretrained(self.out / "model")
-            self.tokenizer.save_pretrained(self.out / "model")
-        if self.config.method == "mezo":
+        if method in ("mezo", "lmao"):
+            # LMAO's base weights alone: the initial model + this trajectory (zotune replay).
             self.optimizer.trajectory.save(self.out / "trajectory.json")
+        if method != "lora-ft":
+            merged = self.model.merge_and_unload() if method == "lmao" else self.model
+            merged.save_pretrained(self.out / "model")
+            self.tokenizer.save_pretrained(self.out / "model")
         steps = self.state["step"]
         result = {
             "model": self.config.model, "task": self.config.task, "method": self.config.method, "steps": steps,

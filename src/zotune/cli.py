@@ -69,6 +69,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from zotune import bench
+
+    rows = []
+    for name in args.model:
+        rows += bench.bench(name, args.batch_size, args.length, args.dtype, args.device, args.methods.split(","),
+                            args.repeats)
+    print(bench.table(rows))
+    if args.json:
+        bench.save_json(rows, args.json)
+    if args.plot:
+        bench.plot(rows, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models when memory is the limit.")
     parser.add_argument("--version", action="version", version=f"zotune {zotune.__version__}")
@@ -90,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--run", metavar="DIR", required=True, help="a finished MeZO run folder")
     replay.add_argument("--output", metavar="DIR", help="where to save the rebuilt model (default: DIR/replayed)")
     replay.set_defaults(handler=cmd_replay)
+
+    bench = commands.add_parser("bench", help="time per step and peak memory of each method on random-init models")
+    bench.add_argument("--model", nargs="+", default=["opt-125m"],
+                       help="opt-125m ... opt-30b, llama-tiny, or a hub id / folder whose config is used")
+    bench.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
+    bench.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="weights dtype")
+    bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--methods", default="forward,mezo,mezo-reference,lora-ft,ft",
+                       help="comma-separated subset of forward,mezo,mezo-reference,lora-ft,ft")
+    bench.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
+    bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    bench.add_argument("--plot", metavar="PNG", help="save time/step and memory vs model size (needs matplotlib)")
+    bench.set_defaults(handler=cmd_bench)
 
     demo = commands.add_parser("demo", help="fine-tune the default model on the default task (offline)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")

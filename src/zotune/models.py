@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,3 +63,16 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
         tokenizer.pad_token = tokenizer.eos_token
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
+
+
+def add_lora(model, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj")):
+    """``model`` wrapped by peft with LoRA adapters (dropout off) on the ``targets`` modules."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    try:
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's business
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(f"LoRA targets {','.join(targets)}: {str(error).splitlines()[0]}") from None

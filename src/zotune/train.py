@@ -12,7 +12,6 @@ import math
 import shutil
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -106,17 +105,8 @@ class Run:
         self._stop = False
 
     def _wrap_lora(self):
-        from peft import LoraConfig, get_peft_model
-
         targets = [t.strip() for t in self.config.lora_targets.split(",") if t.strip()]
-        lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha, lora_dropout=0.0,
-                          target_modules=targets)
-        try:
-            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's business
-                warnings.simplefilter("ignore", FutureWarning)
-                self.model = get_peft_model(self.model, lora)
-        except ValueError as error:
-            raise UserError(f"--lora-targets {self.config.lora_targets}: {str(error).splitlines()[0]}") from None
+        self.model = models.add_lora(self.model, self.config.lora_r, self.config.lora_alpha, targets)
 
     # -- data --------------------------------------------------------------
 

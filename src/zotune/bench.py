@@ -1,0 +1,216 @@
+"""``zotune bench``: time per step and peak memory of forward, MeZO, a reference-style
+MeZO, AdamW fine-tuning and LoRA fine-tuning, on random-init models built from
+configs (memory and speed do not depend on the weights)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import zotune
+from zotune.errors import UserError
+from zotune.models import DTYPES, add_lora
+
+METHODS = ("forward", "mezo", "mezo-reference", "lora-ft", "ft")
+# (hidden, layers, heads, ffn) of the OPT family; vocab 50272 and 2048 positions throughout.
+OPT_SIZES = {
+    "opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096), "opt-1.3b": (2048, 24, 32, 8192),
+    "opt-2.7b": (2560, 32, 32, 10240), "opt-6.7b": (4096, 32, 32, 16384), "opt-13b": (5120, 40, 40, 20480),
+    "opt-30b": (7168, 48, 56, 28672),
+}
+TINY = {"llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=4, vocab_size=1024)}
+
+
+def build_config(name: str):
+    from transformers import AutoConfig, LlamaConfig, OPTConfig
+
+    if name in OPT_SIZES:
+        hidden, layers, heads, ffn = OPT_SIZES[name]
+        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                         word_embed_proj_dim=512 if name == "opt-350m" else hidden, vocab_size=50272,
+                         max_position_embeddings=2048, do_layer_norm_before=name != "opt-350m")
+    if name in TINY:
+        return LlamaConfig(**TINY[name])
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        known = ", ".join([*OPT_SIZES, *TINY])
+        raise UserError(f"unknown model {name!r} ({str(error).splitlines()[0]}); built in: {known}") from None
+
+
+def reference_mezo_step(params, closure, seed: int, lr: float = 1e-7, eps: float = 1e-3):
+    """The MeZO reference code's step: torch.randn per tensor, four in-place passes (it reseeds the
+    global RNG; a private generator costs the same)."""
+
+    def perturb(scale):
+        generator = torch.Generator(params[0].device).manual_seed(seed)
+        for p in params:
+            p.data.add_(torch.randn(p.shape, device=p.device, dtype=p.dtype, generator=generator), alpha=scale)
+
+    with torch.no_grad():
+        perturb(eps)
+        plus = closure().item()
+        perturb(-2 * eps)
+        minus = closure().item()
+        perturb(eps)
+        perturb(-lr * (plus - minus) / (2 * eps))
+
+
+class _Meter:
+    def __init__(self, device: str, repeats: int):
+        self.device, self.repeats, self.cuda = device, repeats, device.startswith("cuda")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def __call__(self, fn) -> dict:
+        fn()  # warm-up: kernels, allocator, numba compilation, optimizer state
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        samples = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            samples.append(time.perf_counter() - start)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        return {"seconds": statistics.median(samples), "peak_gib": peak}
+
+
+def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str = "fp16", device: str | None = None,
+          methods=METHODS, repeats: int = 5) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UserError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+    config = build_config(model_name)
+    # Random init and dropout draw from the global RNG: fork it so the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
+        return _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, repeats)
+
+
+def _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, repeats) -> list[dict]:
+    ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+
+    def loss():
+        return model(input_ids=ids, labels=ids).loss
+
+    n_params = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    meter = _Meter(device, repeats)
+    rows = []
+    for method in [m for m in METHODS if m in methods]:  # ft last: it may run out of memory
+        try:
+            result = _run_method(method, model, loss, meter)
+        except torch.OutOfMemoryError:
+            result = {"seconds": None, "peak_gib": None, "error": "out of memory"}
+        rows.append({"model": model_name, "params": n_params, "largest_tensor_gib": largest, "method": method,
+                     "batch_size": batch_size, "length": length, "dtype": dtype, "device": _device_name(device),
+                     **result})
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _run_method(method, model, loss, meter) -> dict:
+    params = list(model.parameters())
+    if method == "forward":
+        def two_forwards():
+            with torch.no_grad():
+                loss()
+                loss()
+        result = meter(two_forwards)
+        result["note"] = "two inference forwards"
+        return result
+    if method == "mezo":
+        optimizer = zotune.MeZO(model.named_parameters(), lr=1e-7)
+        return meter(lambda: optimizer.step(loss))
+    if method == "mezo-reference":
+        return meter(lambda: reference_mezo_step(params, loss, seed=0))
+    if method == "lora-ft":
+        peft_model = add_lora(model)
+        try:
+            trainable = [p for p in peft_model.parameters() if p.requires_grad]
+            return meter(_first_order_step(peft_model, trainable, loss))
+        finally:
+            peft_model.unload()
+            for p in params:
+                p.requires_grad_(True)
+    optimizer_params = [p for p in params if p.requires_grad]
+    return meter(_first_order_step(model, optimizer_params, loss))
+
+
+def _first_order_step(model, trainable, loss):
+    optimizer = torch.optim.AdamW(trainable, lr=1e-7)
+
+    def step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+        optimizer.step()
+        model.eval()
+    return step
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | params | method | batch × length | dtype | time/step (ms) | × 2 forwards | peak (GiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    forwards = {(r["model"], r["batch_size"], r["length"]): r["seconds"] for r in rows if r["method"] == "forward"}
+    for r in rows:
+        base = forwards.get((r["model"], r["batch_size"], r["length"]))
+        ms = "OOM" if r["seconds"] is None else f"{r['seconds'] * 1e3:.1f}"
+        ratio = f"{r['seconds'] / base:.2f}" if r["seconds"] and base else ""
+        peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['method']} | {r['batch_size']} × {r['length']} "
+                     f"| {r['dtype']} | {ms} | {ratio} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        points = sorted((r["params"], r["seconds"], r["peak_gib"]) for r in rows if r["method"] == method)
+        if points:
+            time_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            memory_axis.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=method)
+    for axis, label in ((time_axis, "seconds per step"), (memory_axis, "peak GiB")):
+        axis.set_xscale("log")
+        axis.set_xlabel("parameters")
+        axis.set_ylabel(label)
+    time_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def save_json(rows: list[dict], path: str) -> None:
+    Path(path).write_text(json.dumps(rows, indent=2))

@@ -76,3 +76,27 @@ def test_candidates_and_template_are_checked():
     with pytest.raises(UserError, match="needs --data"):
         tasks.build_task(csv_config(data=None))
     assert tasks.parse_candidates({0: "bad", 1: "good"}) == {"0": "bad", "1": "good"}
+
+
+def test_glue_sst2_through_datasets(monkeypatch):
+    import types
+
+    rows = {"train": [{"idx": i, "sentence": f"good film {i} ", "label": i % 2} for i in range(6)],
+            "validation": [{"idx": 0, "sentence": "dull", "label": 0}]}
+    fake = types.SimpleNamespace(load_dataset=lambda path, name: rows if (path, name) == ("glue", "sst2") else None)
+    monkeypatch.setitem(__import__("sys").modules, "datasets", fake)
+    task = tasks.build_task(TrainConfig(task="sst2"))
+    assert [e.label for e in task.train_pool] == [0, 1, 0, 1, 0, 1] and task.train_pool[1].text == "good film 1"
+    assert task.test_pool == [tasks.Example("validation-0", "dull", 0)]
+    assert task.candidates == ["terrible", "great"]
+
+
+def test_sst2_without_the_hub_says_what_to_do(monkeypatch):
+    import types
+
+    def offline(path, name):
+        raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(UserError, match="offline, use --task rt-sst2"):
+        tasks.build_task(TrainConfig(task="sst2"))

@@ -111,3 +111,13 @@ def test_library_run_leaves_the_global_rng_alone(tiny_model_dir, tmp_path):
     torch.manual_seed(123)
     train(config(tiny_model_dir, tmp_path / "run", method="lora-ft", steps=2, zero_shot=False))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("method", ["mezo", "lora-ft"])
+def test_masked_lm_trains_and_evaluates(tmp_path, method):
+    from .conftest import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "bert", masked=True)
+    result = train(config(model_dir, tmp_path / "run", method=method, lr=LRS[method], steps=2,
+                          lora_targets="query,value"))
+    assert 0 <= result["test_accuracy"] <= 1 and result["steps"] == 2

@@ -10,6 +10,7 @@ import zotune
 from zotune import models, tasks
 from zotune.config import TrainConfig, from_mapping, load_yaml
 from zotune.errors import UserError
+from zotune.mezo import decay_groups
 from zotune.scoring import Scorer, evaluate
 
 
@@ -39,15 +40,13 @@ def evaluate_run(run_dir: str, progress: bool = True) -> dict:
 
 def replay_run(run_dir: str, output: str | None = None) -> str:
     """Rebuild the final weights of a MeZO run from the initial model and ``trajectory.json``."""
-    from zotune.train import parameter_groups
-
     config, folder = _run_config(run_dir)
     trajectory = folder / "trajectory.json"
     if config.method != "mezo" or not trajectory.is_file():
         raise UserError(f"{run_dir} is not a finished MeZO run (no trajectory.json); LMAO runs replay through "
                         "zotune.replay on the peft-wrapped model")
     model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
-    zotune.replay(parameter_groups(model, config.weight_decay), trajectory)
+    zotune.replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
     target = Path(output) if output else folder / "replayed"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

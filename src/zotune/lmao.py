@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from zotune.mezo import MeZO
+from zotune.mezo import MeZO, decay_groups
 from zotune.trajectory import Trajectory
 
 
@@ -58,11 +58,10 @@ class LMAO:
             [{"params": self.adapters, "param_names": [n for n, _ in adapters]}],
             lr=lr_lora, weight_decay=lora_weight_decay,
         )
-        decay = [(n, p) for n, p in base if p.ndim >= 2 and "norm" not in n.lower()]
-        no_decay = [(n, p) for n, p in base if not (p.ndim >= 2 and "norm" not in n.lower())]
-        groups = [{"params": [p for _, p in part], "param_names": [n for n, _ in part], "weight_decay": wd}
-                  for part, wd in ((decay, weight_decay), (no_decay, 0.0)) if part]
-        self.zo = MeZO(groups, lr=lr_base, eps=eps, n_samples=n_samples, distribution=distribution, seed=seed)
+        for p in self.base:  # decay_groups keeps trainable parameters; ZO phases switch them on in turn
+            p.requires_grad_(True)
+        self.zo = MeZO(decay_groups(base, weight_decay), lr=lr_base, eps=eps, n_samples=n_samples,
+                       distribution=distribution, seed=seed)
         self._train_only(self.adapters)
 
     def _train_only(self, trainable):

@@ -17,6 +17,18 @@ def _as_float(loss) -> float:
     return value
 
 
+def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
+    """Named parameter groups of the trainable parameters, with decay on matrices only (not biases or norms)."""
+    decay, no_decay = ([], []), ([], [])
+    for name, param in named_parameters:
+        if param.requires_grad:
+            target = decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay
+            target[0].append(param)
+            target[1].append(name)
+    return [{"params": params, "param_names": names, "weight_decay": wd}
+            for (params, names), wd in ((decay, weight_decay), (no_decay, 0.0)) if params]
+
+
 class MeZO(torch.optim.Optimizer):
     r"""Zeroth-order SGD (MeZO, Malladi et al. 2023) with exact, seeded perturbations.
 

@@ -22,6 +22,7 @@ import zotune
 from zotune import models, tasks
 from zotune.config import TrainConfig
 from zotune.errors import UserError
+from zotune.mezo import decay_groups
 from zotune.scoring import Scorer, evaluate
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "model", "adapter",
@@ -65,19 +66,6 @@ def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
     return from_mapping(values)
 
 
-def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """Trainable parameters, named, with decay only on matrices (not biases or norms)."""
-    decay, no_decay = ([], []), ([], [])
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            target = decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay
-            target[0].append(param)
-            target[1].append(name)
-    groups = [{"params": p, "param_names": n, "weight_decay": wd}
-              for (p, n), wd in ((decay, weight_decay), (no_decay, 0.0)) if p]
-    return groups
-
-
 class Run:
     def __init__(self, config: TrainConfig, resume: bool):
         self.config, self.resume = config, resume
@@ -95,11 +83,11 @@ class Run:
                                          distribution=config.distribution, n_samples=config.n_samples,
                                          seed=config.seed)
         elif config.method == "mezo":
-            self.optimizer = zotune.MeZO(parameter_groups(self.model, config.weight_decay), lr=config.lr,
+            self.optimizer = zotune.MeZO(decay_groups(self.model.named_parameters(), config.weight_decay), lr=config.lr,
                                          eps=config.eps, n_samples=config.n_samples,
                                          distribution=config.distribution, seed=config.seed)
         else:
-            self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.weight_decay), lr=config.lr)
+            self.optimizer = torch.optim.AdamW(decay_groups(self.model.named_parameters(), config.weight_decay), lr=config.lr)
         self.state = {"step": 0, "zero_shot": None, "dev": None, "train_seconds": 0.0}
         self._orders: dict[int, list[int]] = {}
         self._stop = False
@@ -154,6 +142,10 @@ class Run:
         self.optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])  # inside the run's forked RNG: dropout resumes where it was
         self.state = json.loads((folder / "progress.json").read_text())
+        # A hard kill after a periodic checkpoint leaves rows of steps that will run again.
+        rows = (self.out / "metrics.jsonl").read_text().splitlines(keepends=True)
+        kept = [row for row in rows if json.loads(row)["step"] <= self.state["step"]]
+        (self.out / "metrics.jsonl").write_text("".join(kept))
 
     # -- the loop --------------------------------------------------------------
 

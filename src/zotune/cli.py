@@ -20,8 +20,10 @@ DEMO = dict(model="smollm2", task="rt-sst2", method="lora-ft", steps=120, batch_
 
 
 def cmd_train(args) -> int:
-    overrides = {k: v for k, v in vars(args).items() if k in {f for f in cfg.TrainConfig.__dataclass_fields__}}
     if args.resume:
+        if args.config:
+            raise UserError("--resume takes the run's own config.yaml; leave out --config")
+        overrides = {k: v for k, v in vars(args).items() if k in cfg.TrainConfig.__dataclass_fields__}
         config = resume_config(args.resume, overrides)
     else:
         base = cfg.load_yaml(args.config) if args.config else {}

@@ -75,6 +75,14 @@ def test_lmao_run_exports_a_merged_model_that_evaluates_like_the_adapted_one(tin
     out = tmp_path / "lmao"
     result = train(config(tiny_model_dir, out, method="lmao", lr=1e-2, lr_base=1e-2, zero_shot=False))
     assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
+    # The base weights alone come back from the trajectory; with the adapter merged they are the run's model.
+    from zotune.evaluation import replay_run
+
+    message = replay_run(str(out), str(tmp_path / "base"))
+    assert "bit-identical to the run's model with the adapter merged" in message
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert base.keys() == initial.keys() and all(not torch.equal(base[k], initial[k]) for k in base)
 
 
 def test_training_changes_only_what_the_method_trains(tiny_model_dir, tmp_path):

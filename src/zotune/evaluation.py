@@ -39,24 +39,44 @@ def evaluate_run(run_dir: str, progress: bool = True) -> dict:
 
 
 def replay_run(run_dir: str, output: str | None = None) -> str:
-    """Rebuild the final weights of a MeZO run from the initial model and ``trajectory.json``."""
+    """Rebuild a run's weights from the initial model and ``trajectory.json``: the final model of
+    a MeZO run, or the base weights (without adapters) of an LMAO run."""
     config, folder = _run_config(run_dir)
     trajectory = folder / "trajectory.json"
-    if config.method != "mezo" or not trajectory.is_file():
-        raise UserError(f"{run_dir} is not a finished MeZO run (no trajectory.json); LMAO runs replay through "
-                        "zotune.replay on the peft-wrapped model")
+    if config.method not in ("mezo", "lmao") or not trajectory.is_file():
+        raise UserError(f"{run_dir} is not a finished MeZO or LMAO run (no trajectory.json)")
     model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
-    zotune.replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
+    if config.method == "lmao":
+        model = _replay_lmao_base(model, config, trajectory)
+    else:
+        zotune.replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
     target = Path(output) if output else folder / "replayed"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    message = f"replayed {trajectory} onto {config.model}: saved to {target}"
+    what = "base weights (no adapters)" if config.method == "lmao" else "model"
+    message = f"replayed {trajectory} onto {config.model}: {what} saved to {target}"
     if (folder / "model").is_dir():
+        if config.method == "lmao":  # the run's model is base + merged adapters
+            model = _with_adapter(model, str(folder / "adapter")).merge_and_unload()
         final, _, _ = models.load(str(folder / "model"), config.dtype, config.model_kind, device=model.device.type)
-        differences = [(a - b).abs().max().item() for a, b in zip(model.parameters(), final.parameters())]
-        same = all(torch.equal(a, b) for a, b in zip(model.parameters(), final.parameters()))
-        message += "; bit-identical to the run's model" if same else f"; max difference {max(differences):.3g}"
+        pairs = list(zip(model.parameters(), final.parameters()))
+        if all(torch.equal(a, b) for a, b in pairs):
+            message += "; bit-identical to the run's model" + (" with the adapter merged" if config.method == "lmao" else "")
+        else:
+            message += f"; max difference {max((a - b).abs().max().item() for a, b in pairs):.3g}"
     return message
+
+
+def _replay_lmao_base(model, config: TrainConfig, trajectory: Path):
+    from zotune.lmao import is_adapter
+
+    targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
+    with torch.random.fork_rng(devices=[]):  # the adapters' random init is thrown away below
+        wrapped = models.add_lora(model, config.lora_r, config.lora_alpha, targets)
+    # The trajectory's keys are the parameter names inside the peft model, as LMAO recorded them.
+    base = [(name, p.requires_grad_(True)) for name, p in wrapped.named_parameters() if not is_adapter(name)]
+    zotune.replay(decay_groups(base, config.weight_decay), trajectory)
+    return wrapped.unload()
 
 
 def _run_config(run_dir: str) -> tuple[TrainConfig, Path]:

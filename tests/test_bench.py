@@ -31,3 +31,5 @@ def test_opt_configs_have_the_published_sizes(name, billions):
 def test_bad_bench_arguments():
     with pytest.raises(UserError, match="unknown methods"):
         bench.bench("llama-tiny", methods=["sgd"], device="cpu")
+    with pytest.raises(UserError, match="must be positive"):
+        bench.bench("llama-tiny", batch_size=0, device="cpu")

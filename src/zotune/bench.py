@@ -92,6 +92,8 @@ def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if min(batch_size, length, repeats) <= 0:
+        raise UserError("--batch-size, --length and --repeats must be positive")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise UserError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")

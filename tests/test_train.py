@@ -129,3 +129,13 @@ def test_masked_lm_trains_and_evaluates(tmp_path, method):
     result = train(config(model_dir, tmp_path / "run", method=method, lr=LRS[method], steps=2,
                           lora_targets="query,value"))
     assert 0 <= result["test_accuracy"] <= 1 and result["steps"] == 2
+
+
+@pytest.mark.parametrize("method", ["mezo", "lmao"])
+def test_a_diverging_zeroth_order_run_is_a_user_error(tiny_model_dir, tmp_path, monkeypatch, method):
+    from zotune.errors import UserError
+    from zotune.scoring import Scorer
+
+    monkeypatch.setattr(Scorer, "loss", lambda self, prompts, labels: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(UserError, match="lower"):
+        train(config(tiny_model_dir, tmp_path / "run", method=method, zero_shot=False))

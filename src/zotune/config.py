@@ -81,6 +81,10 @@ class TrainConfig:
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
 
+    @property
+    def lora_modules(self) -> list[str]:
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -70,9 +70,8 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
 def _replay_lmao_base(model, config: TrainConfig, trajectory: Path):
     from zotune.lmao import is_adapter
 
-    targets = [t.strip() for t in config.lora_targets.split(",") if t.strip()]
     with torch.random.fork_rng(devices=[]):  # the adapters' random init is thrown away below
-        wrapped = models.add_lora(model, config.lora_r, config.lora_alpha, targets)
+        wrapped = models.add_lora(model, config.lora_r, config.lora_alpha, config.lora_modules)
     # The trajectory's keys are the parameter names inside the peft model, as LMAO recorded them.
     base = [(name, p.requires_grad_(True)) for name, p in wrapped.named_parameters() if not is_adapter(name)]
     zotune.replay(decay_groups(base, config.weight_decay), trajectory)

@@ -93,8 +93,7 @@ class Run:
         self._stop = False
 
     def _wrap_lora(self):
-        targets = [t.strip() for t in self.config.lora_targets.split(",") if t.strip()]
-        self.model = models.add_lora(self.model, self.config.lora_r, self.config.lora_alpha, targets)
+        self.model = models.add_lora(self.model, self.config.lora_r, self.config.lora_alpha, self.config.lora_modules)
 
     # -- data --------------------------------------------------------------
 
@@ -163,7 +162,10 @@ class Run:
                 for group in self.optimizer.fo.param_groups:
                     group["lr"] = self.config.lr * (1 - step / self.config.steps)
             self.model.eval()  # dropout would make the two perturbed losses differ (LMAO's FO phase trains)
-            loss = self.optimizer.step(lambda: self.scorer.loss(prompts, labels))
+            try:
+                loss = self.optimizer.step(lambda: self.scorer.loss(prompts, labels))
+            except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
+                raise UserError(str(error)) from None
             record["projected_grad"] = sum(self.optimizer.last_step.grads) / self.config.n_samples
         else:
             self.model.train()

@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Before anything imports triton (transformers does): without a GPU, zotune's Triton
+# kernels are tested on the CPU through Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 VOCAB = 96

@@ -16,16 +16,42 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     assert cli.main(args) == 0
     assert torch.equal(torch.random.get_rng_state(), before)
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == list(bench.METHODS)
+    assert [r["method"] for r in rows] == list(bench.DEFAULT_METHODS)
     assert all(r["seconds"] > 0 for r in rows)
-    assert "| llama-tiny |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| llama-tiny |" in printed and "| × 2 forwards | × lora-ft |" in printed
 
 
-@pytest.mark.parametrize("name, billions", [("opt-125m", 0.125), ("opt-1.3b", 1.3), ("opt-13b", 12.9)])
-def test_opt_configs_have_the_published_sizes(name, billions):
+def test_every_registered_method_and_variant_is_a_bench_row():
+    from zotune import methods
+
+    names = bench.all_methods()
+    assert set(methods.names()) | {"forward", "mezo-reference", "mezo-rademacher", "mezo-lowrank"} == set(names)
+    assert names.index("mezo") < names.index("mezo-rademacher") < names.index("mezo-lowrank")
+
+
+def test_rademacher_variant_and_order_asked_for():
+    rows = bench.bench("llama-tiny", batch_size=1, length=4, dtype="fp32", device="cpu", repeats=1,
+                       methods=["mezo-rademacher", "forward"])
+    assert [r["method"] for r in rows] == ["mezo-rademacher", "forward"]
+    table = bench.table(rows)
+    assert "× lora-ft" not in table and "| mezo-rademacher |" in table
+
+
+@pytest.mark.parametrize("name, millions", [("opt-125m", 125), ("opt-1.3b", 1300), ("opt-13b", 12900),
+                                            ("smollm2", 134.5), ("large-vocab", 268)])
+def test_built_in_configs_have_the_published_sizes(name, millions):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(bench.build_config(name))
-    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, rel=0.03)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, rel=0.03)
+
+
+def test_built_in_llama_shapes():
+    smollm2, large = bench.build_config("smollm2"), bench.build_config("large-vocab")
+    assert smollm2.tie_word_embeddings and smollm2.rope_parameters["rope_theta"] == 100000
+    assert (smollm2.num_attention_heads, smollm2.num_key_value_heads, smollm2.max_position_embeddings) == (9, 3, 8192)
+    assert large.tie_word_embeddings
+    assert (large.vocab_size, large.head_dim, large.num_key_value_heads) == (262144, 256, 1)
 
 
 def test_bad_bench_arguments():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zotune.config import TrainConfig
+from zotune.config import from_mapping
 from zotune.train import Interrupted, Run, resume_config, train
 
 from .conftest import DATA
@@ -15,7 +15,7 @@ def config(model_dir, out, **extra):
                   candidates="neg=terrible,pos=great", n_train=16, n_dev=4, n_test=8, steps=4, batch_size=2,
                   eval_every=2, output=str(out), progress=False)
     values.update(extra)
-    return TrainConfig(**values)
+    return from_mapping(values)  # flat: run fields and the method's options
 
 
 LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2, "lmao": 1e-2}

@@ -1,21 +1,21 @@
 """zotune: fine-tune large language models when GPU memory is the limit."""
 
-from zotune.directions import direction, fill
-from zotune.lmao import LMAO
-from zotune.mezo import MeZO
-from zotune.perturb import Perturbation
-from zotune.trajectory import Trajectory, TrajectoryStep, replay
+from zotune.core.directions import Dense, Direction, LowRank
+from zotune.core.optim import MeZO, decay_groups, replay
+from zotune.core.trajectory import Trajectory, TrajectoryStep
+from zotune.methods.lmao import LMAO
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LMAO",
+    "Dense",
+    "Direction",
+    "LowRank",
     "MeZO",
-    "Perturbation",
     "Trajectory",
     "TrajectoryStep",
-    "direction",
-    "fill",
+    "decay_groups",
     "replay",
     "__version__",
 ]

@@ -1,9 +1,10 @@
-"""``zotune bench``: time per step and peak memory of forward, MeZO, a reference-style
-MeZO, AdamW fine-tuning and LoRA fine-tuning, on random-init models built from
-configs (memory and speed do not depend on the weights)."""
+"""``zotune bench``: time per step and peak memory of every registered method (and some
+variants), against two inference forwards and a reference-style MeZO, on random-init
+models built from configs (memory and speed do not depend on the weights)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import statistics
@@ -12,19 +13,44 @@ from pathlib import Path
 
 import torch
 
-import zotune
+from zotune import methods as registry
 from zotune.errors import UserError
-from zotune.models import DTYPES, add_lora
+from zotune.models import DTYPES
 
-METHODS = ("forward", "mezo", "mezo-reference", "lora-ft", "ft")
+# Bench-only rows besides the registered methods: a baseline and the research code's MeZO step.
+FORWARD, REFERENCE = "forward", "mezo-reference"
+# Variants of registered methods: (method, config overrides).
+VARIANTS = {"mezo-rademacher": ("mezo", {"direction": "rademacher"}),
+            "mezo-lowrank": ("mezo", {"direction": "lowrank"})}
+# ft last: it may run out of memory.
+DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "lora-ft", "ft")
+BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what they were
 # (hidden, layers, heads, ffn) of the OPT family; vocab 50272 and 2048 positions throughout.
 OPT_SIZES = {
     "opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096), "opt-1.3b": (2048, 24, 32, 8192),
     "opt-2.7b": (2560, 32, 32, 10240), "opt-6.7b": (4096, 32, 32, 16384), "opt-13b": (5120, 40, 40, 20480),
     "opt-30b": (7168, 48, 56, 28672),
 }
-TINY = {"llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=1024)}
+LLAMA = {
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=1024),
+    # SmolLM2-135M's shape: the default model of zotune train.
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # A small model whose embedding dominates (Gemma-3-270M-like shapes): where the largest tensor sets the memory.
+    "large-vocab": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=256, vocab_size=262144, tie_word_embeddings=True),
+}
+MODELS = (*OPT_SIZES, *LLAMA)
+
+
+def all_methods() -> list[str]:
+    """Every bench row name: the baseline, the registered methods with their variants, the reference MeZO."""
+    names = [FORWARD]
+    for name in registry.names():
+        names += [name, *(v for v, (base, _) in VARIANTS.items() if base == name)]
+    return [*names, REFERENCE]
 
 
 def build_config(name: str):
@@ -35,13 +61,13 @@ def build_config(name: str):
         return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
                          word_embed_proj_dim=512 if name == "opt-350m" else hidden, vocab_size=50272,
                          max_position_embeddings=2048, do_layer_norm_before=name != "opt-350m")
-    if name in TINY:
-        return LlamaConfig(**TINY[name])
+    if name in LLAMA:
+        return LlamaConfig(**LLAMA[name])
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        known = ", ".join([*OPT_SIZES, *TINY])
-        raise UserError(f"unknown model {name!r} ({str(error).splitlines()[0]}); built in: {known}") from None
+        reason = str(error).splitlines()[0]
+        raise UserError(f"unknown model {name!r} ({reason}); built in: {', '.join(MODELS)}") from None
 
 
 def reference_mezo_step(params, closure, seed: int, lr: float = 1e-7, eps: float = 1e-3):
@@ -86,7 +112,7 @@ class _Meter:
 
 
 def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str = "fp16", device: str | None = None,
-          methods=METHODS, repeats: int = 5) -> list[dict]:
+          methods=DEFAULT_METHODS, repeats: int = 5) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,9 +120,10 @@ def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str =
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if min(batch_size, length, repeats) <= 0:
         raise UserError("--batch-size, --length and --repeats must be positive")
-    unknown = sorted(set(methods) - set(METHODS))
+    known = all_methods()
+    unknown = sorted(set(methods) - set(known))
     if unknown:
-        raise UserError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown methods {unknown}: choose from {', '.join(known)}")
     config = build_config(model_name)
     # Random init and dropout draw from the global RNG: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
@@ -117,7 +144,7 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, m
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     meter = _Meter(device, repeats)
     rows = []
-    for method in [m for m in METHODS if m in methods]:  # ft last: it may run out of memory
+    for method in dict.fromkeys(methods):  # in the order asked for
         try:
             result = _run_method(method, model, loss, meter)
         except torch.OutOfMemoryError:
@@ -131,9 +158,8 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, m
     return rows
 
 
-def _run_method(method, model, loss, meter) -> dict:
-    params = list(model.parameters())
-    if method == "forward":
+def _run_method(name, model, loss, meter) -> dict:
+    if name == FORWARD:
         def two_forwards():
             with torch.no_grad():
                 loss()
@@ -141,34 +167,23 @@ def _run_method(method, model, loss, meter) -> dict:
         result = meter(two_forwards)
         result["note"] = "two inference forwards"
         return result
-    if method == "mezo":
-        optimizer = zotune.MeZO(model.named_parameters(), lr=1e-7)
-        return meter(lambda: optimizer.step(loss))
-    if method == "mezo-reference":
+    if name == REFERENCE:
+        params = list(model.parameters())
         return meter(lambda: reference_mezo_step(params, loss, seed=0))
-    if method == "lora-ft":
-        peft_model = add_lora(model)
-        try:
-            trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            return meter(_first_order_step(peft_model, trainable, loss))
-        finally:
-            peft_model.unload()
-            for p in params:
-                p.requires_grad_(True)
-    optimizer_params = [p for p in params if p.requires_grad]
-    return meter(_first_order_step(model, optimizer_params, loss))
-
-
-def _first_order_step(model, trainable, loss):
-    optimizer = torch.optim.AdamW(trainable, lr=1e-7)
-
-    def step():
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.step()
+    method, overrides = VARIANTS.get(name, (name, {}))
+    entry = registry.get(method)
+    if "lr" in {f.name for f in dataclasses.fields(entry.config)}:
+        overrides = {"lr": BENCH_LR, **overrides}
+    # The meter runs a warm-up step and then `repeats` steps: a schedule over exactly those.
+    trainer = entry.method(model, entry.config(**overrides), seed=0, steps=meter.repeats + 1)
+    try:
+        return meter(lambda: trainer.step(loss))
+    finally:
+        if trainer.model is not model:  # a LoRA method wrapped it: give the next method the plain model
+            trainer.model.unload()
+        for p in model.parameters():
+            p.requires_grad_(True)
         model.eval()
-    return step
 
 
 def _device_name(device: str) -> str:
@@ -178,16 +193,23 @@ def _device_name(device: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | params | method | batch × length | dtype | time/step (ms) | × 2 forwards | peak (GiB) |",
-             "|---|---|---|---|---|---|---|---|"]
-    forwards = {(r["model"], r["batch_size"], r["length"]): r["seconds"] for r in rows if r["method"] == "forward"}
+    """A markdown table; time is also given relative to two forwards, and to LoRA-FT when it ran."""
+    columns = [("× 2 forwards", FORWARD)] + ([("× lora-ft", "lora-ft")] if any(r["method"] == "lora-ft" for r in rows)
+                                             else [])
+    header = ["model", "params", "method", "batch × length", "dtype", "time/step (ms)", *(c for c, _ in columns),
+              "peak (GiB)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    times = {(r["model"], r["batch_size"], r["length"], r["method"]): r["seconds"] for r in rows}
     for r in rows:
-        base = forwards.get((r["model"], r["batch_size"], r["length"]))
+        ratios = []
+        for _, baseline in columns:
+            base = times.get((r["model"], r["batch_size"], r["length"], baseline))
+            ratios.append(f"{r['seconds'] / base:.2f}" if r["seconds"] and base else "")
         ms = "OOM" if r["seconds"] is None else f"{r['seconds'] * 1e3:.1f}"
-        ratio = f"{r['seconds'] / base:.2f}" if r["seconds"] and base else ""
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['method']} | {r['batch_size']} × {r['length']} "
-                     f"| {r['dtype']} | {ms} | {ratio} | {peak} |")
+        cells = [r["model"], f"{r['params'] / 1e6:.1f}M", r["method"], f"{r['batch_size']} × {r['length']}",
+                 r["dtype"], ms, *ratios, peak]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -200,7 +222,7 @@ def plot(rows: list[dict], path: str) -> None:
     except ImportError:
         raise UserError("--plot needs matplotlib: pip install matplotlib") from None
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
+    for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["params"], r["seconds"], r["peak_gib"]) for r in rows if r["method"] == method)
         if points:
             time_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)

@@ -7,7 +7,7 @@ import json
 import sys
 
 import zotune
-from zotune import config as cfg
+from zotune import config as cfg, methods
 from zotune.errors import UserError
 from zotune.train import Interrupted, resume_config, train
 
@@ -20,14 +20,17 @@ DEMO = dict(model="smollm2", task="rt-sst2", method="lora-ft", steps=120, batch_
 
 
 def cmd_train(args) -> int:
+    given = {k: v for k, v in vars(args).items() if k in cfg.flat_names()}
     if args.resume:
         if args.config:
             raise UserError("--resume takes the run's own config.yaml; leave out --config")
-        overrides = {k: v for k, v in vars(args).items() if k in cfg.TrainConfig.__dataclass_fields__}
-        config = resume_config(args.resume, overrides)
+        config = resume_config(args.resume, given)
     else:
         base = cfg.load_yaml(args.config) if args.config else {}
         config = cfg.from_args(args, base)
+    unused = cfg.unused_options(config, given)
+    if unused:  # accepted (one flat namespace for all methods), but the user should know they change nothing
+        print(f"zotune: note: {config.method} does not use {', '.join(unused)}", file=sys.stderr)
     result = train(config, resume=bool(args.resume))
     print(summary(result, config.output))
     return 0
@@ -62,7 +65,8 @@ def cmd_replay(args) -> int:
 def cmd_demo(args) -> int:
     config = cfg.from_mapping({**DEMO, "progress": not args.no_progress})
     print(f"zotune demo: {config.method} on {config.model} / {config.task}, {config.steps} steps of "
-          f"{config.batch_size}, lr {config.lr}; zero-shot and final accuracy on {config.n_test} test sentences",
+          f"{config.batch_size}, lr {config.options.lr}; zero-shot and final accuracy on {config.n_test} test "
+          "sentences",
           flush=True)
     result = train(config)
     print(f"zero-shot accuracy: {result['zero_shot_accuracy']:.1%}")
@@ -76,8 +80,8 @@ def cmd_bench(args) -> int:
 
     rows = []
     for name in args.model:
-        rows += bench.bench(name, args.batch_size, args.length, args.dtype, args.device, args.methods.split(","),
-                            args.repeats)
+        rows += bench.bench(name, args.batch_size, args.length, args.dtype, args.device,
+                            [m.strip() for m in args.methods.split(",") if m.strip()], args.repeats)
     print(bench.table(rows))
     if args.json:
         bench.save_json(rows, args.json)
@@ -87,6 +91,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from zotune import bench as bench_module
+
     parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models when memory is the limit.")
     parser.add_argument("--version", action="version", version=f"zotune {zotune.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,20 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_arguments(evaluate, EVAL_FIELDS)
     evaluate.set_defaults(handler=cmd_eval)
 
-    replay = commands.add_parser("replay", help="rebuild a MeZO run's weights from its trajectory")
-    replay.add_argument("--run", metavar="DIR", required=True, help="a finished MeZO run folder")
+    replay = commands.add_parser("replay", help="rebuild a zeroth-order run's weights from its trajectory")
+    replayable = [name for name, entry in methods.METHODS.items() if entry.method.replays]
+    replay.add_argument("--run", metavar="DIR", required=True, help=f"a finished run of {' or '.join(replayable)}")
     replay.add_argument("--output", metavar="DIR", help="where to save the rebuilt model (default: DIR/replayed)")
     replay.set_defaults(handler=cmd_replay)
 
     bench = commands.add_parser("bench", help="time per step and peak memory of each method on random-init models")
     bench.add_argument("--model", nargs="+", default=["opt-125m"],
-                       help="opt-125m ... opt-30b, llama-tiny, or a hub id / folder whose config is used")
+                       help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder whose config is used")
     bench.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="weights dtype")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--methods", default="forward,mezo,mezo-reference,lora-ft,ft",
-                       help="comma-separated subset of forward,mezo,mezo-reference,lora-ft,ft")
+    bench.add_argument("--methods", default=",".join(bench_module.DEFAULT_METHODS),
+                       help=f"comma-separated, run in this order, from {', '.join(bench_module.all_methods())} "
+                            "(default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
     bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     bench.add_argument("--plot", metavar="PNG", help="save time/step and memory vs model size (needs matplotlib)")

@@ -1,4 +1,12 @@
-"""One typed config for a run; the CLI and YAML files are generated from it."""
+"""One typed config for a run; the CLI and YAML files are generated from it.
+
+A run's settings are the run fields of :class:`TrainConfig` plus the chosen method's own
+config (``zotune.methods``), kept in ``TrainConfig.options``. On the command line and
+in ``config.yaml`` they form one flat namespace: the run fields and the options of
+every registered method, merged by name (``--lr`` serves every method). Options of
+methods other than the chosen one are accepted and ignored, so a run folder written
+when all options lived in one table still loads.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,13 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from zotune import methods
 from zotune.errors import UserError
-
-METHODS = ("mezo", "ft", "lora-ft", "lmao")
-DEFAULT_LR = {"mezo": 1e-6, "ft": 1e-5, "lora-ft": 1e-4, "lmao": 1e-4}
+from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag
 
 
 def _opt(default, help, **extra):
@@ -34,82 +42,107 @@ class TrainConfig:
     n_train: int = _opt(1000, "training examples drawn from the train pool")
     n_dev: int = _opt(500, "dev examples drawn from the train pool (disjoint from train)")
     n_test: int = _opt(1000, "test examples drawn from the test pool")
-    method: str = _opt("mezo", "mezo (zeroth order), ft (AdamW, all weights), lora-ft (peft LoRA, AdamW) or lmao "
-                       "(LoRA AdamW + zeroth order on the base weights)", choices=METHODS)
+    method: str = _opt("mezo", methods.describe, choices=methods.names)  # read from the registry when asked
     steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(16, "training examples per step")
-    lr: float | None = _opt(None, "learning rate; for lmao the adapters' (default: mezo 1e-6, ft 1e-5, lora-ft and "
-                            "lmao 1e-4)")
-    lr_base: float = _opt(1e-6, "lmao: zeroth-order learning rate of the base weights (constant)")
-    max_grad_norm: float = _opt(1.0, "lmao: clipping of the adapters' gradient norm")
-    eps: float = _opt(1e-3, "mezo: perturbation scale")
-    n_samples: int = _opt(1, "mezo: perturbations per step (n-SPSA)")
-    distribution: str = _opt("gaussian", "mezo: direction distribution", choices=("gaussian", "rademacher"))
-    weight_decay: float = _opt(0.0, "weight decay (not applied to biases and norms)")
-    lora_r: int = _opt(8, "lora-ft, lmao: rank")
-    lora_alpha: int = _opt(16, "lora-ft, lmao: alpha (scale alpha/r)")
-    lora_targets: str = _opt("q_proj,v_proj", "lora-ft, lmao: comma-separated target module names")
     eval_every: int = _opt(0, "evaluate on the dev set every N steps (0: never during training)")
     zero_shot: bool = _opt(True, "evaluate on the test set before training")
     eval_batch_size: int = _opt(32, "examples per evaluation batch")
     max_length: int = _opt(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
-    seed: int = _opt(0, "seed for sampling the data, the data order and the directions")
+    seed: int = _opt(0, "seed for sampling the data, the data order, the LoRA init and the directions")
     output: str = _opt("runs/latest", "run folder")
     overwrite: bool = _opt(False, "replace a finished or interrupted run in --output")
     progress: bool = _opt(True, "show progress bars")
+    # The method's own config (its registered Config dataclass); the method's defaults when None.
+    options: Any = field(default=None, metadata={})
 
     def __post_init__(self):
         from zotune.tasks import TASKS
 
         if self.task not in TASKS:
             raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        for name in ("steps", "batch_size", "n_samples", "eval_batch_size", "lora_r", "max_length"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("n_dev", "n_test", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if self.lr_base < 0 or self.max_grad_norm <= 0:
-            raise UserError("--lr-base must be 0 or more and --max-grad-norm positive")
-        if self.eps <= 0:
-            raise UserError(f"--eps must be positive, got {self.eps}")
-        if self.lr is not None and self.lr < 0:
-            raise UserError(f"--lr must be 0 or more, got {self.lr}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
-
-    @property
-    def lora_modules(self) -> list[str]:
-        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+        entry = methods.get(self.method)
+        if self.options is None:
+            self.options = entry.config()
+        elif not isinstance(self.options, entry.config):
+            raise TypeError(f"options of method {self.method!r} must be a {entry.config.__name__}")
+        check_choices(self)
+        check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length")
+        check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The flat mapping that ``config.yaml`` holds: run fields, then the method's options."""
+        run = {f.name: getattr(self, f.name) for f in run_fields()}
+        return {**run, **dataclasses.asdict(self.options)}
 
     def save(self, path: Path):
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def run_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata]
+
+
+def method_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Each option name of the registered methods -> the (method, field) pairs that declare it."""
+    taken = {f.name for f in dataclasses.fields(TrainConfig)}
+    union: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for name, entry in methods.METHODS.items():
+        for f in dataclasses.fields(entry.config):
+            if f.name in taken:
+                raise TypeError(f"{entry.config.__name__}.{f.name} clashes with a run option of the same name")
+            uses = union.setdefault(f.name, [])
+            if uses and _kind(uses[0][1]) is not _kind(f):
+                raise TypeError(f"option {f.name}: {name} and {uses[0][0]} declare different types")
+            uses.append((name, f))
+    return union
+
+
+def flat_names() -> set[str]:
+    return {f.name for f in run_fields()} | set(method_fields())
+
+
+def unused_options(config: TrainConfig, given) -> list[str]:
+    """The flags among ``given`` option names that the config's method does not read."""
+    own = {f.name for f in run_fields()} | {f.name for f in dataclasses.fields(config.options)}
+    return [flag(name) for name in sorted(set(given) - own)]
+
+
+def _kind(f: dataclasses.Field) -> type:
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {"int": int, "float": float, "bool": bool}.get(text.split("|")[0].strip(), str)
+
+
+def _aliases() -> dict[str, str]:
+    return {alias: name for name, uses in method_fields().items() for _, f in uses
+            for alias in f.metadata.get("aliases", ())}
+
+
+def _convert(f: dataclasses.Field, value):
+    kind = _kind(f)
+    if value is None or kind not in (int, float):
+        return value
+    try:  # YAML reads 1e-3 as a string
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {f.name}: expected a number, got {value!r}") from None
+
+
 def from_mapping(values: dict) -> TrainConfig:
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
+    """A config from flat option: value pairs (YAML, command line); options of other methods are ignored."""
+    values = dict(values)
+    for alias, name in _aliases().items():  # older option names; the current name wins when both are given
+        if alias in values:
+            values.setdefault(name, values.pop(alias))
+    run = {f.name: f for f in run_fields()}
+    unknown = sorted(set(values) - set(run) - set(method_fields()))
     if unknown:
         raise UserError(f"unknown config keys {unknown}; see zotune train --help")
-    converted = {}
-    for name, value in values.items():
-        kind = known[name].type
-        if value is not None and ("int" in kind or "float" in kind) and "bool" not in kind:
-            try:
-                value = (int if kind.startswith("int") else float)(value)
-            except (TypeError, ValueError):
-                raise UserError(f"config key {name}: expected a number, got {value!r}") from None
-        choices = known[name].metadata.get("choices")
-        if choices and value not in choices:
-            raise UserError(f"{name} {value!r} is not one of {', '.join(choices)}")
-        converted[name] = value
-    return TrainConfig(**converted)
+    entry = methods.get(values.get("method", run["method"].default))
+    own = {f.name: f for f in dataclasses.fields(entry.config)}
+    options = entry.config(**{k: _convert(own[k], v) for k, v in values.items() if k in own})
+    return TrainConfig(**{k: _convert(run[k], v) for k, v in values.items() if k in run}, options=options)
 
 
 def load_yaml(path: str) -> dict:
@@ -125,23 +158,64 @@ def load_yaml(path: str) -> dict:
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
+def load_run(folder: Path) -> dict:
+    """The flat values of a run folder's ``config.yaml``, upgraded from older versions of the file."""
+    values = load_yaml(str(folder / "config.yaml"))
+    if "distribution" in values and "stochastic_rounding" not in values:
+        # Written before stochastic rounding existed: that run's bf16/fp16 updates rounded to nearest.
+        values["stochastic_rounding"] = False
+    return values
+
+
+def _meta(f: dataclasses.Field, key: str):
+    value = f.metadata.get(key)
+    return value() if callable(value) else value
+
+
+def _add(parser, name: str, kind: type, text: str, choices=None, flags=None):
+    flags = flags or [flag(name)]
+    if kind is bool:
+        parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                            help=text)
+    else:
+        parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=text, choices=choices,
+                            metavar=None if choices else name.upper())
+
+
+def _method_help(uses: list[tuple[str, dataclasses.Field]]) -> str:
+    """One help text for an option several methods declare: which methods use it, and their defaults."""
+    texts: dict[str, list[str]] = {}
+    for name, f in uses:
+        texts.setdefault(f.metadata["help"], []).append(name)
+    text = next(iter(texts)) if len(texts) == 1 else "; ".join(f"{', '.join(ns)}: {h}" for h, ns in texts.items())
+    defaults = {name: f.default for name, f in uses}
+    if len({repr(d) for d in defaults.values()}) == 1:
+        default = f"default: {next(iter(defaults.values()))}"
+    else:
+        default = "default: " + ", ".join(f"{name} {d}" for name, d in defaults.items())
+    return f"{text} [{', '.join(defaults)}; {default}]"
+
+
 def add_arguments(parser: argparse.ArgumentParser, fields=None):
-    """One option per config field; defaults are left out so that only given options override YAML."""
-    for f in dataclasses.fields(TrainConfig):
-        if fields is not None and f.name not in fields:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-            continue
-        kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text,
-                            choices=f.metadata.get("choices"), metavar=None if f.metadata.get("choices") else f.name.upper())
+    """One option per run field (only ``fields`` when given) and, when all are asked for, per method option.
+
+    Defaults are left out of the namespace so that only given options override YAML.
+    """
+    for f in run_fields():
+        if fields is None or f.name in fields:
+            _add(parser, f.name, _kind(f), f"{_meta(f, 'help')} (default: {f.default})", _meta(f, "choices"))
+    if fields is not None:
+        return
+    group = parser.add_argument_group("method options", "each used by the methods named in brackets")
+    for name, uses in method_fields().items():
+        first = uses[0][1]
+        _add(group, name, _kind(first), _method_help(uses), _meta(first, "choices"))
+        for alias in first.metadata.get("aliases", ()):
+            _add(group, name, _kind(first), argparse.SUPPRESS, _meta(first, "choices"), [flag(alias)])
 
 
 def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = flat_names()
     values = dict(base or {})
     values.update({k: v for k, v in vars(args).items() if k in names})
     return from_mapping(values)

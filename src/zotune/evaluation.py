@@ -1,4 +1,4 @@
-"""Evaluating a model or a finished run, and rebuilding a MeZO run from its trajectory."""
+"""Evaluating a model or a finished run, and rebuilding a zeroth-order run's weights from its trajectory."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ from pathlib import Path
 
 import torch
 
-import zotune
-from zotune import models, tasks
-from zotune.config import TrainConfig, from_mapping, load_yaml
+from zotune import methods, models, tasks
+from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.errors import UserError
-from zotune.mezo import decay_groups
 from zotune.scoring import Scorer, evaluate
 
 
@@ -39,50 +37,37 @@ def evaluate_run(run_dir: str, progress: bool = True) -> dict:
 
 
 def replay_run(run_dir: str, output: str | None = None) -> str:
-    """Rebuild a run's weights from the initial model and ``trajectory.json``: the final model of
-    a MeZO run, or the base weights (without adapters) of an LMAO run."""
+    """Rebuild a run's weights from the initial model and ``trajectory.json``, as its method
+    defines (MeZO: the final model; LMAO: the base weights without adapters), and compare
+    them with the run's ``model/``."""
     config, folder = _run_config(run_dir)
+    method = methods.get(config.method).method
     trajectory = folder / "trajectory.json"
-    if config.method not in ("mezo", "lmao") or not trajectory.is_file():
-        raise UserError(f"{run_dir} is not a finished MeZO or LMAO run (no trajectory.json)")
+    if method.replays is None or not trajectory.is_file():
+        replayable = [name for name, entry in methods.METHODS.items() if entry.method.replays]
+        raise UserError(f"{run_dir} is not a finished run of {' or '.join(replayable)} (no trajectory.json)")
     model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
-    if config.method == "lmao":
-        model = _replay_lmao_base(model, config, trajectory)
-    else:
-        zotune.replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
+    model = method.replay(model, config.options, trajectory)
     target = Path(output) if output else folder / "replayed"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    what = "base weights (no adapters)" if config.method == "lmao" else "model"
-    message = f"replayed {trajectory} onto {config.model}: {what} saved to {target}"
+    message = f"replayed {trajectory} onto {config.model}: {method.replays} saved to {target}"
     if (folder / "model").is_dir():
-        if config.method == "lmao":  # the run's model is base + merged adapters
-            model = _with_adapter(model, str(folder / "adapter")).merge_and_unload()
+        model, note = method.as_exported(model, folder)
         final, _, _ = models.load(str(folder / "model"), config.dtype, config.model_kind, device=model.device.type)
         pairs = list(zip(model.parameters(), final.parameters()))
         if all(torch.equal(a, b) for a, b in pairs):
-            message += "; bit-identical to the run's model" + (" with the adapter merged" if config.method == "lmao" else "")
+            message += "; bit-identical to the run's model" + note
         else:
             message += f"; max difference {max((a - b).abs().max().item() for a, b in pairs):.3g}"
     return message
-
-
-def _replay_lmao_base(model, config: TrainConfig, trajectory: Path):
-    from zotune.lmao import is_adapter
-
-    with torch.random.fork_rng(devices=[]):  # the adapters' random init is thrown away below
-        wrapped = models.add_lora(model, config.lora_r, config.lora_alpha, config.lora_modules)
-    # The trajectory's keys are the parameter names inside the peft model, as LMAO recorded them.
-    base = [(name, p.requires_grad_(True)) for name, p in wrapped.named_parameters() if not is_adapter(name)]
-    zotune.replay(decay_groups(base, config.weight_decay), trajectory)
-    return wrapped.unload()
 
 
 def _run_config(run_dir: str) -> tuple[TrainConfig, Path]:
     folder = Path(run_dir)
     if not (folder / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
-    return from_mapping(load_yaml(str(folder / "config.yaml"))), folder
+    return from_mapping(load_run(folder)), folder
 
 
 def _with_adapter(model, adapter: str):

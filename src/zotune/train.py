@@ -1,8 +1,10 @@
 """The training recipe: load → set up → loop (step, log, evaluate, checkpoint) → save.
 
-A run folder holds ``config.yaml``, ``samples.json`` (the sampled example ids),
-``metrics.jsonl``, ``checkpoint/`` while a run is unfinished, then the final weights
-(``model/`` or the peft ``adapter/``), ``trajectory.json`` (MeZO) and ``result.json``.
+The method comes from the registry (``zotune.methods``): this loop knows nothing about
+any particular one. A run folder holds ``config.yaml``, ``samples.json`` (the sampled
+example ids), ``metrics.jsonl``, ``checkpoint/`` while a run is unfinished, then what
+the method exports (``model/``, the peft ``adapter/``, ``trajectory.json``) and
+``result.json``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import zotune
-from zotune import models, tasks
-from zotune.config import TrainConfig
+from zotune import methods, models, tasks
+from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.errors import UserError
-from zotune.mezo import decay_groups
 from zotune.scoring import Scorer, evaluate
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "model", "adapter",
@@ -52,18 +52,17 @@ def prepare_output(config: TrainConfig, overwrite: bool) -> Path:
 
 
 def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
-    saved = Path(run_dir) / "config.yaml"
-    if not saved.is_file():
+    if not (Path(run_dir) / "config.yaml").is_file():
         raise UserError(f"--resume {run_dir}: no run there (no config.yaml)")
-    from zotune.config import from_mapping, load_yaml
-
-    values = load_yaml(str(saved))
-    changed = sorted(k for k, v in overrides.items() if k not in RESUMABLE_CHANGES and values.get(k) != v)
+    values = load_run(Path(run_dir))
+    saved = from_mapping(values).to_dict()
+    resumed = from_mapping({**values, **overrides, "output": run_dir})
+    # Compared after parsing: an option the run's method does not use, or one given at its saved value, is no change.
+    now = resumed.to_dict()
+    changed = sorted(k for k in overrides if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
         raise UserError(f"--resume keeps the run's settings; these cannot change: {', '.join(changed)}")
-    values.update(overrides)
-    values["output"] = run_dir
-    return from_mapping(values)
+    return resumed
 
 
 class Run:
@@ -73,27 +72,14 @@ class Run:
         # The data first: its mistakes should not wait for a model to load.
         self.task = tasks.build_task(config)
         self.split = tasks.sample(self.task, config.n_train, config.n_dev, config.n_test, config.seed)
-        self.model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind)
-        if config.method in ("lora-ft", "lmao"):
-            self._wrap_lora()
+        model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind)
+        # The method wraps the model if it needs to (LoRA): score what it trains.
+        self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
+        self.model = self.method.model
         self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length)
-        if config.method == "lmao":
-            self.optimizer = zotune.LMAO(self.model, lr_lora=config.lr, lr_base=config.lr_base, eps=config.eps,
-                                         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-                                         distribution=config.distribution, n_samples=config.n_samples,
-                                         seed=config.seed)
-        elif config.method == "mezo":
-            self.optimizer = zotune.MeZO(decay_groups(self.model.named_parameters(), config.weight_decay), lr=config.lr,
-                                         eps=config.eps, n_samples=config.n_samples,
-                                         distribution=config.distribution, seed=config.seed)
-        else:
-            self.optimizer = torch.optim.AdamW(decay_groups(self.model.named_parameters(), config.weight_decay), lr=config.lr)
         self.state = {"step": 0, "zero_shot": None, "dev": None, "train_seconds": 0.0}
         self._orders: dict[int, list[int]] = {}
         self._stop = False
-
-    def _wrap_lora(self):
-        self.model = models.add_lora(self.model, self.config.lora_r, self.config.lora_alpha, self.config.lora_modules)
 
     # -- data --------------------------------------------------------------
 
@@ -111,17 +97,12 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _changing(self) -> dict[str, torch.Tensor]:
-        """The parameters the method updates: LMAO updates all of them, in two phases."""
-        everything = self.config.method == "lmao"
-        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if everything or p.requires_grad}
-
     def save_checkpoint(self):
         final, partial = self.out / "checkpoint", self.out / "checkpoint.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        save_file(self._changing(), partial / "weights.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, partial / "state.pt")
+        save_file(self.method.checkpoint_tensors(), partial / "weights.safetensors")
+        torch.save({"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()}, partial / "state.pt")
         (partial / "progress.json").write_text(json.dumps(self.state))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -138,7 +119,7 @@ class Run:
                 if name in weights:
                     param.copy_(weights[name])
         saved = torch.load(folder / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        self.method.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])  # inside the run's forked RNG: dropout resumes where it was
         self.state = json.loads((folder / "progress.json").read_text())
         # A hard kill after a periodic checkpoint leaves rows of steps that will run again.
@@ -156,29 +137,13 @@ class Run:
         examples = self.batch(step)
         prompts = [self.task.prompt(e) for e in examples]
         labels = [e.label for e in examples]
-        record = {"step": step + 1}
-        if self.config.method in ("mezo", "lmao"):
-            if self.config.method == "lmao":  # the paper decays the adapters' rate linearly; resume-safe
-                for group in self.optimizer.fo.param_groups:
-                    group["lr"] = self.config.lr * (1 - step / self.config.steps)
-            self.model.eval()  # dropout would make the two perturbed losses differ (LMAO's FO phase trains)
-            try:
-                loss = self.optimizer.step(lambda: self.scorer.loss(prompts, labels))
-            except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
-                raise UserError(str(error)) from None
-            record["projected_grad"] = sum(self.optimizer.last_step.grads) / self.config.n_samples
-        else:
-            self.model.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            value = self.scorer.loss(prompts, labels)
-            value.backward()
-            self.optimizer.step()
-            loss = float(value.detach())
-        if not math.isfinite(loss):
-            raise UserError(f"the training loss became {loss} at step {step + 1}: lower --lr")
-        record["loss"] = loss
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        return record
+        try:
+            record = self.method.step(lambda: self.scorer.loss(prompts, labels))
+        except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
+            raise UserError(str(error)) from None
+        if not math.isfinite(record["loss"]):
+            raise UserError(f"the training loss became {record['loss']} at step {step + 1}: lower --lr")
+        return {"step": step + 1, **record}
 
     def run(self) -> dict:
         config = self.config
@@ -234,16 +199,7 @@ class Run:
 
     def finish(self) -> dict:
         test = self.evaluate(self.split.test, "test")["accuracy"]
-        method = self.config.method
-        if method in ("lora-ft", "lmao"):
-            self.model.save_pretrained(self.out / "adapter")
-        if method in ("mezo", "lmao"):
-            # LMAO's base weights alone: the initial model + this trajectory (zotune replay).
-            self.optimizer.trajectory.save(self.out / "trajectory.json")
-        if method != "lora-ft":
-            merged = self.model.merge_and_unload() if method == "lmao" else self.model
-            merged.save_pretrained(self.out / "model")
-            self.tokenizer.save_pretrained(self.out / "model")
+        self.method.export(self.out, self.model, self.tokenizer)
         steps = self.state["step"]
         result = {
             "model": self.config.model, "task": self.config.task, "method": self.config.method, "steps": steps,

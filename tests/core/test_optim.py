@@ -7,7 +7,16 @@ from torch import nn
 
 import zotune
 from tests.conftest import assert_same, lm_closure, snapshot, tiny_model
-from zotune import directions
+from zotune.core.directions import Dense
+from zotune.core import kernels
+
+DISTRIBUTIONS = ["gaussian", "rademacher"]
+
+
+def z_of(seed, n, distribution="gaussian", key="#0"):
+    out = torch.empty(n)
+    kernels.get("cpu").fill(out, 0, seed, Dense.key_hash(key), distribution)  # the backend the step used
+    return out
 
 
 class Linear(nn.Module):
@@ -34,18 +43,14 @@ class Quadratic(nn.Module):
         return 0.5 * (self.h * self.p**2).sum()
 
 
-def key_hash(optimizer, group=0, index=0):
-    return optimizer._key_hashes[group][index]
-
-
-@pytest.mark.parametrize("distribution", directions.DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_projected_gradient_of_a_linear_loss_is_a_dot_z(distribution):
     a = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     model = Linear(a)
-    optimizer = zotune.MeZO(model.parameters(), lr=0.0, eps=1e-3, distribution=distribution)
+    optimizer = zotune.MeZO(model.parameters(), lr=0.0, eps=1e-3, direction=distribution)
     optimizer.step(model)
     step = optimizer.trajectory.steps[0]
-    z = directions.direction(step.seeds[0], key_hash(optimizer), 50, distribution=distribution).double()
+    z = z_of(step.seeds[0], 50, distribution).double()
     assert step.grads[0] == pytest.approx(torch.dot(a, z).item(), rel=1e-9)
 
 
@@ -61,22 +66,22 @@ def test_averaged_estimate_points_along_the_gradient():
     assert cosine > 0.9
 
 
-@pytest.mark.parametrize("one_sided", [False, True])
-def test_mezo_drives_a_quadratic_down(one_sided):
+@pytest.mark.parametrize("estimator", ["spsa", "one-sided"])
+def test_mezo_drives_a_quadratic_down(estimator):
     model = Quadratic()
     initial = model().item()
-    optimizer = zotune.MeZO(model.parameters(), lr=0.02, eps=1e-4, one_sided=one_sided, seed=3)
+    optimizer = zotune.MeZO(model.parameters(), lr=0.02, eps=1e-4, estimator=estimator, seed=3)
     for _ in range(300):
         optimizer.step(model)
     assert model().item() < 0.05 * initial
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("distribution", directions.DISTRIBUTIONS)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS + ["lowrank"])
 def test_lr_zero_leaves_weights_bit_identical(family, dtype, distribution):
     model = tiny_model(family, dtype)
     before = snapshot(model)
-    optimizer = zotune.MeZO(model.parameters(), lr=0.0, eps=1e-2, n_samples=2, distribution=distribution)
+    optimizer = zotune.MeZO(model.parameters(), lr=0.0, eps=1e-2, n_samples=2, direction=distribution)
     for _ in range(3):
         optimizer.step(lm_closure(model))
     assert_same(before, snapshot(model))
@@ -95,14 +100,14 @@ def test_closure_calls_and_autograd():
     zotune.MeZO(model.parameters(), lr=0.1, n_samples=3).step(closure)
     assert calls == [False] * 6
     calls.clear()
-    zotune.MeZO(model.parameters(), lr=0.1, n_samples=3, one_sided=True).step(closure)
+    zotune.MeZO(model.parameters(), lr=0.1, n_samples=3, estimator="one-sided").step(closure)
     assert calls == [False] * 4
 
 
 def test_return_values():
     model = Quadratic()
     unperturbed = model().item()
-    one_sided = zotune.MeZO(model.parameters(), lr=0.0, one_sided=True).step(model)
+    one_sided = zotune.MeZO(model.parameters(), lr=0.0, estimator="one-sided").step(model)
     assert one_sided == unperturbed
     two_sided = zotune.MeZO(model.parameters(), lr=0.0, eps=1e-3).step(model)
     assert two_sided != unperturbed and two_sided == pytest.approx(unperturbed, rel=1e-4)
@@ -130,7 +135,7 @@ def test_n_spsa_applies_each_sample_with_lr_over_n():
     step = optimizer.trajectory.steps[0]
     expected = start.clone()
     for seed, g in zip(step.seeds, step.grads):
-        expected -= 0.1 / 3 * g * directions.direction(seed, key_hash(optimizer), 8).double()
+        expected -= 0.1 / 3 * g * z_of(seed, 8).double()
     assert len(set(step.seeds)) == 3
     assert torch.allclose(model.p.detach(), expected, rtol=0, atol=1e-12)
 
@@ -269,7 +274,9 @@ def test_global_rng_is_untouched():
         ({"lr": 0.1, "eps": -1e-3}, "eps"),
         ({"lr": 0.1, "n_samples": 0}, "n_samples"),
         ({"lr": 0.1, "weight_decay": -0.1}, "weight_decay"),
-        ({"lr": 0.1, "distribution": "uniform"}, "distribution"),
+        ({"lr": 0.1, "direction": "uniform"}, "direction"),
+        ({"lr": 0.1, "estimator": "magic"}, "estimator"),
+        ({"lr": 0.1, "estimator": "fzoo"}, "n_samples"),
         ({"lr": 0.1, "seed": -1}, "seed"),
     ],
 )
@@ -289,5 +296,163 @@ def test_unused_parameter_warns():
     model = Quadratic()
     outside = nn.Parameter(torch.ones(3))
     optimizer = zotune.MeZO([model.p, outside], lr=0.1)
-    with pytest.warns(UserWarning, match="1 of 2 parameters"):
+    with pytest.warns(UserWarning, match="1 of 2 parameters were not read"):
         optimizer.step(model)
+
+
+# -- every parameter the loss reads is perturbed -------------------------------
+
+
+def test_bare_parameter_quadratic_is_trained():
+    target = torch.linspace(-2.0, 3.0, 10)
+    theta = nn.Parameter(torch.zeros(10))
+    loss = lambda: ((theta - target) ** 2).sum()  # noqa: E731: no module owns theta
+    initial = loss().item()
+    optimizer = zotune.MeZO([theta], lr=0.02, eps=1e-3, seed=1)
+    for _ in range(400):
+        optimizer.step(loss)
+    assert loss().item() < 1e-3 * initial
+
+
+def test_weight_read_outside_its_module_is_perturbed_exactly():
+    class TiedByHand(nn.Module):  # the head reads the embedding functionally, outside nn.Embedding.forward
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(12, 6, dtype=torch.float64)
+
+        def forward(self, ids):
+            return torch.logsumexp(self.embed(ids) @ self.embed.weight.T, -1).sum()
+
+    model, ids = TiedByHand(), torch.tensor([1, 5, 7])
+    before = model.embed.weight.detach().clone()
+    optimizer = zotune.MeZO(model.named_parameters(), lr=0.0, eps=1e-3)
+    optimizer.step(lambda: model(ids))
+    assert torch.equal(model.embed.weight, before)
+    # the estimate equals the one computed with W + eps z written into a copy, both reads perturbed
+    z = z_of(optimizer.last_step.seeds[0], before.numel(), key="embed.weight").double().view_as(before)
+    loss_at = lambda w: torch.logsumexp(w[ids] @ w.T, -1).sum().item()  # noqa: E731
+    expected = (loss_at(before + 1e-3 * z) - loss_at(before - 1e-3 * z)) / 2e-3
+    assert optimizer.last_step.grads[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_add_param_group_is_used():
+    a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))
+    optimizer = zotune.MeZO([a], lr=0.05, seed=2)
+    optimizer.add_param_group({"params": [b], "lr": 0.1, "direction": "rademacher"})
+    loss = lambda: ((a - 1) ** 2).sum() + ((b + 1) ** 2).sum()  # noqa: E731
+    for _ in range(300):
+        optimizer.step(loss)
+    assert torch.allclose(a, torch.ones(4), atol=0.05) and torch.allclose(b, -torch.ones(4), atol=0.05)
+    assert optimizer.trajectory.keys == [["#0"], ["#1"]]
+    assert optimizer.trajectory.directions[1] == {"kind": "dense", "distribution": "rademacher"}
+    named = zotune.MeZO([("x", nn.Parameter(torch.zeros(1)))], lr=0.1)
+    with pytest.raises(ValueError, match="unique"):
+        named.add_param_group({"params": [("x", nn.Parameter(torch.zeros(1)))]})
+
+
+# -- estimators and directions ---------------------------------------------------
+
+
+def test_fzoo_divides_by_the_std_of_the_losses():
+    model = Quadratic(dim=8)
+    optimizer = zotune.MeZO(model.parameters(), lr=0.0, estimator="fzoo", n_samples=4, direction="rademacher")
+    unperturbed = model().item()
+    assert optimizer.step(model) == unperturbed
+    step = optimizer.last_step
+    losses = [unperturbed + g * 1e-3 for g in step.grads]
+    sigma = torch.tensor(losses, dtype=torch.float64).std().item()
+    assert step.coeffs == pytest.approx([g / (4 * sigma) for g in step.grads], rel=1e-6)
+
+
+def test_fzoo_trains():
+    model = Quadratic()
+    initial = model().item()
+    # the step is normalised by std(losses) ~ eps |grad|: its size is ~ lr / eps per coordinate
+    optimizer = zotune.MeZO(model.parameters(), lr=1e-5, estimator="fzoo", n_samples=4, direction="rademacher")
+    for _ in range(400):
+        optimizer.step(model)
+    assert model().item() < 0.1 * initial
+
+
+@pytest.mark.parametrize("direction", ["rademacher", "lowrank", zotune.LowRank(rank=1, interval=3, orthonormal=True)])
+def test_directions_train_tiny_models(direction):
+    model = tiny_model("llama")
+    closure = lm_closure(model)
+    initial = closure().item()
+    optimizer = zotune.MeZO(model.named_parameters(), lr=2e-3, direction=direction, seed=1)
+    for _ in range(120):
+        optimizer.step(closure)
+    assert closure().item() < initial - 0.05
+
+
+def test_losses_cross_to_the_host_once_per_step(monkeypatch):
+    model = Quadratic()
+    optimizer = zotune.MeZO(model.parameters(), lr=0.01, n_samples=3)
+    transfers = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(1) or real_tolist(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() inside a step"))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("float() inside a step"))
+    optimizer.step(model)
+    assert len(transfers) == 1
+
+
+# -- low precision that learns ----------------------------------------------------
+
+
+def test_stochastic_rounding_moves_bf16_weights_in_expectation():
+    # Every update is ~1e-3 of a bf16 spacing: rounding to nearest drops all of them.
+    dim, lr = 4096, 1e-6
+    target = torch.ones(dim, dtype=torch.float64)
+
+    def run(stochastic):
+        w = nn.Parameter(torch.ones(dim, dtype=torch.bfloat16))
+        optimizer = zotune.MeZO([w], lr=lr, stochastic_rounding=stochastic, seed=4)
+        loss = lambda: (w.double() * target).sum()  # noqa: E731: gradient 1 everywhere
+        for _ in range(50):
+            optimizer.step(loss)
+        return w.detach().double()
+
+    assert torch.equal(run(False), torch.ones(dim, dtype=torch.float64))
+    moved = 1 - run(True).mean().item()
+    # fp32 would move each weight by lr * sum g z_i, ~ lr * dim per step on average along z
+    assert moved > 0
+
+
+# -- stacked evaluation -------------------------------------------------------------
+
+
+def stacked_closure(model, seed=0, batch=3, length=10):
+    ids = torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+    def closure(copies=None):
+        if copies is None:
+            return model(input_ids=ids, labels=ids).loss
+        repeated = ids.repeat(copies, 1)
+        logits = model(input_ids=repeated).logits[:, :-1].float()
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), repeated[:, 1:].flatten(), reduction="none")
+        return losses.view(copies, -1).mean(1)
+
+    return closure
+
+
+@pytest.mark.parametrize("direction", ["lowrank", "gaussian"])
+@pytest.mark.parametrize("estimator,n", [("spsa", 2), ("fzoo", 3)])
+def test_stacked_evaluation_equals_separate_forwards(family, direction, estimator, n):
+    separate, stacked = tiny_model(family, torch.float64), tiny_model(family, torch.float64)
+    kwargs = dict(lr=1e-6, n_samples=n, direction=direction, estimator=estimator, seed=4)  # FZOO steps ~ lr / eps
+    opt_separate = zotune.MeZO(separate.named_parameters(), **kwargs)
+    opt_stacked = zotune.MeZO(stacked.named_parameters(), stacked=True, **kwargs)
+    for t in range(2):
+        loss_separate = opt_separate.step(stacked_closure(separate, seed=t))
+        loss_stacked = opt_stacked.step(stacked_closure(stacked, seed=t))
+        assert loss_stacked == pytest.approx(loss_separate, rel=1e-5)
+        assert opt_stacked.last_step.grads == pytest.approx(opt_separate.last_step.grads, rel=1e-3, abs=1e-3)
+
+
+def test_stacked_closure_must_return_one_loss_per_copy():
+    model = tiny_model("llama")
+    optimizer = zotune.MeZO(model.named_parameters(), lr=1e-3, direction="lowrank", stacked=True)
+    plain = stacked_closure(model)
+    with pytest.raises(ValueError, match="2 losses"):
+        optimizer.step(lambda copies: plain(copies).mean())

@@ -3,9 +3,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import zotune
-from zotune.lmao import is_adapter
+from zotune.methods.lmao import is_adapter
 
-from .conftest import lm_closure, tiny_model
+from ..conftest import lm_closure, tiny_model
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 

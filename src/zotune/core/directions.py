@@ -1,0 +1,233 @@
+"""Directions as objects: what a perturbation z looks like for one parameter.
+
+A direction is a pure function of (base seed, step, sample seed, parameter key, index):
+no hidden state, so any process can regenerate any slice of any past direction. Each
+direction knows how to
+
+* give a forward the perturbed weight ``W + eps * z`` (:meth:`Direction.perturbed`);
+* perturb a layer's output instead, for low-rank directions on Linear, Hugging Face
+  Conv1D and Embedding layers (:meth:`Direction.output_delta`), so that the m×n
+  perturbation is never materialised;
+* apply the update ``W <- W - lr * (sum_j c_j z_j + weight_decay * W)``
+  (:meth:`Direction.update_`), with stochastic rounding for bfloat16/float16.
+
+A direction is recorded in trajectories by its :attr:`spec` (a small JSON dict).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from zotune.core import kernels
+from zotune.core.rng import hash64
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Which direction of a step: the run's base seed, the step and one sample's seed."""
+
+    base_seed: int
+    step: int
+    seed: int
+
+
+def _flat(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().reshape(-1) if weight.is_contiguous() else weight.detach().contiguous().view(-1)
+
+
+class Direction:
+    """The protocol; see the module docstring. Subclasses set ``spec``."""
+
+    spec: dict
+
+    def perturbed(self, weight: torch.Tensor, key: str, draw: Draw, eps: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_delta_applies(self, module, weight) -> bool:
+        """Whether :meth:`output_delta` perturbs ``weight`` when ``module`` runs."""
+        return False
+
+    def output_delta(self, module, weight, inputs, output, key: str, draw: Draw, eps: float) -> torch.Tensor:
+        """``eps`` times the change of the layer's output under ``W + z`` (float32)."""
+        raise NotImplementedError
+
+    def update_(self, weight, key: str, draws: list[Draw], coeffs: list[float], lr: float, weight_decay: float,
+                rounding_seed: int | None) -> None:
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        return isinstance(other, Direction) and self.spec == other.spec
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.spec.items())))
+
+    def __repr__(self):
+        options = ", ".join(f"{k}={v!r}" for k, v in self.spec.items() if k != "kind")
+        return f"{type(self).__name__}({options})"
+
+
+class Dense(Direction):
+    """Element-wise z: ``"gaussian"`` (zotune 0.1's stream) or ``"rademacher"`` (every Philox bit a sign)."""
+
+    def __init__(self, distribution: str = "gaussian"):
+        if distribution not in kernels.DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {distribution!r}: use gaussian or rademacher")
+        self.distribution = distribution
+        self.spec = {"kind": "dense", "distribution": distribution}
+
+    def _kernels(self, device):
+        # zotune 0.1's Rademacher stream lives in the reference backend only: old trajectories replay.
+        return kernels.load("reference") if self.distribution == "rademacher-v1" else kernels.get(device)
+
+    @staticmethod
+    def key_hash(key: str) -> int:
+        return _key_hash("param", key)
+
+    def perturbed(self, weight, key, draw, eps):
+        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        self._kernels(weight.device).perturb(out.view(-1), _flat(weight), 0, draw.seed, self.key_hash(key),
+                                           self.distribution, eps)
+        return out
+
+    def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed):
+        flat = _flat(weight)
+        self._kernels(weight.device).update(flat, 0, [d.seed for d in draws], list(coeffs), self.key_hash(key),
+                                          self.distribution, lr, weight_decay, rounding_seed)
+        if flat.data_ptr() != weight.data_ptr():
+            weight.detach().copy_(flat.view_as(weight))
+
+
+class LowRank(Direction):
+    r"""Low-rank directions ``z = U V^T`` for matrices (LOZO; HZO's estimator, methods.md §3).
+
+    For a 2-D weight of shape (m, n): ``U`` (m×r) is fresh for every sample and step,
+    ``V`` (n×r) is shared by all samples and resampled every ``interval`` steps; both are
+    Gaussian from counter-based streams. With ``orthonormal``, V is the Q factor of the
+    Gaussian V times sqrt(n) (so V^T V = n I, the scale a Gaussian V has on average). The
+    update is ``W <- W - lr * (sum_j c_j U_j V^T / rank + weight_decay * W)``. Tensors that
+    are not 2-D use the dense Gaussian direction.
+
+    On ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Embedding`` the perturbation is
+    added to the layer's output, ``eps * (x V) U^T`` (Linear), which costs ``r (m + n)``
+    multiply-adds per token instead of a pass over W.
+    """
+
+    def __init__(self, rank: int = 2, interval: int = 50, orthonormal: bool = False):
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        if not (isinstance(interval, int) and interval >= 1):
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
+        self.rank, self.interval, self.orthonormal = rank, interval, bool(orthonormal)
+        self.spec = {"kind": "lowrank", "rank": rank, "interval": interval, "orthonormal": self.orthonormal}
+        self._dense = Dense("gaussian")
+        self._v_cache: dict = {}
+
+    def factors(self, shape, key: str, draw: Draw, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """U (m×r) of this sample and V (n×r) of this step's resample interval, in float32."""
+        m, n = shape
+        backend = kernels.get(device)
+        u = torch.empty(m * self.rank, device=device)
+        backend.fill(u, 0, draw.seed, _key_hash("lowrank-U", key), "gaussian")
+        return u.view(m, self.rank), self._v(n, key, draw.base_seed, draw.step // self.interval, device)
+
+    def _v(self, n, key, base_seed, epoch, device):
+        cache_key = (key, n, base_seed, str(device))
+        cached = self._v_cache.get(cache_key)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        v = torch.empty(n * self.rank, device=device)
+        kernels.get(device).fill(v, 0, hash64("zotune-V", base_seed, epoch), _key_hash("lowrank-V", key), "gaussian")
+        v = v.view(n, self.rank)
+        if self.orthonormal:
+            v = torch.linalg.qr(v).Q * math.sqrt(n)
+        self._v_cache[cache_key] = (epoch, v)  # a pure function of its arguments: only saves recomputation
+        return v
+
+    def perturbed(self, weight, key, draw, eps):
+        if weight.ndim != 2:
+            return self._dense.perturbed(weight, key, draw, eps)
+        u, v = self.factors(weight.shape, key, draw, weight.device)
+        dtype = kernels.compute_dtype(weight.dtype)
+        values = torch.addmm(weight.to(dtype), u.to(dtype), v.to(dtype).T, alpha=eps)
+        return values.to(weight.dtype)
+
+    def output_delta_applies(self, module, weight) -> bool:
+        return weight.ndim == 2 and _layer_kind(module) is not None and getattr(module, "weight", None) is weight
+
+    def output_delta(self, module, weight, inputs, output, key, draw, eps):
+        kind = _layer_kind(module)
+        u, v = self.factors(weight.shape, key, draw, weight.device)
+        dtype = kernels.compute_dtype(output.dtype)
+        u, v = u.to(dtype), v.to(dtype)
+        if kind == "Embedding":
+            return eps * u[inputs[0]] @ v.T  # U's rows of the looked-up ids
+        x = inputs[0].to(dtype)
+        if kind == "Linear":  # y = x W^T, W (out, in): delta = eps (x V) U^T
+            return eps * (x @ v) @ u.T
+        return eps * (x @ u) @ v.T  # Conv1D: y = x W, W (in, out)
+
+    def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed):
+        if weight.ndim != 2:
+            return self._dense.update_(weight, key, draws, coeffs, lr, weight_decay, rounding_seed)
+        m, n = weight.shape
+        combined = None
+        for draw, coeff in zip(draws, coeffs):
+            u, v = self.factors(weight.shape, key, draw, weight.device)
+            term = u * (coeff / self.rank)
+            combined = term if combined is None else combined.add_(term)
+        dtype = kernels.compute_dtype(weight.dtype)
+        combined, v = combined.to(dtype), v.to(dtype)
+        flat, backend = _flat(weight), kernels.get(weight.device)
+        rows = max(1, kernels.CHUNK // max(n, 1))
+        for begin in range(0, m, rows):
+            end = min(begin + rows, m)
+            w = flat[begin * n : end * n].view(end - begin, n).to(dtype, copy=True)
+            step = combined[begin:end] @ v.T
+            if weight_decay:
+                step.add_(w, alpha=weight_decay)
+            w.add_(step, alpha=-lr)
+            backend.round_into(flat[begin * n : end * n], w.view(-1), begin * n, Dense.key_hash(key), rounding_seed)
+        if flat.data_ptr() != weight.data_ptr():
+            weight.detach().copy_(flat.view_as(weight))
+
+
+def _layer_kind(module) -> str | None:
+    # Only the stock forwards: a subclass may read W differently (OPT's positional embedding adds an offset).
+    forward = type(module).forward
+    if forward is torch.nn.Linear.forward:
+        return "Linear"
+    if forward is torch.nn.Embedding.forward and module.max_norm is None:  # max_norm rewrites W in place
+        return "Embedding"
+    return "Conv1D" if type(module).__name__ == "Conv1D" else None  # transformers' GPT-2 layer: y = x W + b
+
+
+_KEY_HASHES: dict[tuple[str, str], int] = {}
+
+
+def _key_hash(tag: str, key: str) -> int:
+    cached = _KEY_HASHES.get((tag, key))
+    if cached is None:
+        cached = _KEY_HASHES[(tag, key)] = hash64(tag, key)
+    return cached
+
+
+def make(direction) -> Direction:
+    """A Direction from an object, a spec dict, or a name (gaussian, rademacher, lowrank)."""
+    if isinstance(direction, Direction):
+        return direction
+    if isinstance(direction, dict):
+        spec = dict(direction)
+        kind = spec.pop("kind", None)
+        if kind == "dense":
+            return Dense(**spec)
+        if kind == "lowrank":
+            return LowRank(**spec)
+        raise ValueError(f"unknown direction spec {direction!r}")
+    if direction == "lowrank":
+        return LowRank()
+    if isinstance(direction, str) and direction in kernels.DISTRIBUTIONS:
+        return Dense(direction)
+    raise ValueError(f"unknown direction {direction!r}: use gaussian, rademacher, lowrank or a zotune Direction")

@@ -1,0 +1,299 @@
+"""MeZO / ZO-SGD as a ``torch.optim.Optimizer``: the public face of the core."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+from zotune.core import directions, estimate
+from zotune.core.directions import Draw
+from zotune.core.perturb import Perturbation, PerturbedParam, StackedPerturbation
+from zotune.core.rng import derive_seed, rounding_seed
+from zotune.core.trajectory import Trajectory, TrajectoryStep
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
+    """Named parameter groups of the trainable parameters, with decay on matrices only (not biases or norms)."""
+    decay, no_decay = ([], []), ([], [])
+    for name, param in named_parameters:
+        if param.requires_grad:
+            target = decay if param.ndim >= 2 and "norm" not in name.lower() else no_decay
+            target[0].append(param)
+            target[1].append(name)
+    return [{"params": params, "param_names": names, "weight_decay": wd}
+            for (params, names), wd in ((decay, weight_decay), (no_decay, 0.0)) if params]
+
+
+class MeZO(torch.optim.Optimizer):
+    r"""Zeroth-order SGD (MeZO, Malladi et al. 2023) with exact, seeded perturbations.
+
+    Each step draws ``n_samples`` seeds; the estimator evaluates the closure at
+    perturbed points ``W ± eps z_j`` (z_j regenerated from its seed, never stored) and
+    gives coefficients c_j; then, per parameter group,
+
+    .. math:: W \leftarrow W - \mathrm{lr}\,\Big(\sum_j c_j z_j + \lambda W\Big).
+
+    With the default two-sided SPSA estimator c_j = g_j / n, g_j = (L+ - L-) / (2 eps).
+    Every parameter the loss reads is perturbed, however it is read (see
+    :mod:`zotune.core.perturb`); the weights are never rounded by a perturbation, so with
+    ``lr=0`` a step leaves them bit-identical in every dtype. Updates are computed in
+    float32 (float64 for float64 weights) and rounded once into the weights' dtype:
+    stochastically for bfloat16/float16 when ``stochastic_rounding`` (exact in
+    expectation, from the same counter-based stream, so replay stays bit-identical).
+
+    The closure takes no arguments and returns the minibatch loss (tensor or float). It
+    is called under ``torch.no_grad()``; put the model in ``eval()`` mode so that dropout
+    does not differ between the calls. Losses stay on their device until one transfer
+    per step. ``step(closure)`` returns the estimator's loss (two-sided: the mean of the
+    perturbed losses; one-sided and FZOO: the unperturbed loss) as a float.
+
+    Args:
+        params: parameters, ``named_parameters()`` (names become the keys of the
+            directions: readable and order-proof) or parameter groups (dicts may
+            override lr, eps, weight_decay, direction).
+        lr: learning rate; lives in ``param_groups`` so LR schedulers work.
+        eps: perturbation scale (the same for all groups).
+        weight_decay: lambda above (per group: give norms and biases 0).
+        n_samples: perturbations per step (n-SPSA).
+        estimator: ``"spsa"`` (two-sided), ``"one-sided"`` or ``"fzoo"``.
+        direction: ``"gaussian"``, ``"rademacher"``, ``"lowrank"`` or a
+            :class:`~zotune.core.directions.Direction` such as ``LowRank(rank=2, interval=50)``.
+        seed: base seed; step t, sample j uses a seed derived from (seed, t, j).
+        stochastic_rounding: round bfloat16/float16 updates stochastically.
+        stacked: evaluate all perturbed points of a step in one forward. The closure then
+            takes ``copies`` and returns a tensor of ``copies`` losses for its batch repeated
+            ``copies`` times along dim 0 (copy-major); ``closure(1)`` is one plain loss.
+            With low-rank directions the weights are read once instead of 2n times;
+            activation memory grows ``copies``-fold.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_samples: int = 1,
+                 estimator: str = "spsa", direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
+                 stacked: bool = False):
+        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not (isinstance(n_samples, int) and n_samples >= 1):
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.estimator = estimate.get(estimator)
+        if n_samples < self.estimator.min_samples:
+            raise ValueError(f"estimator {estimator!r} needs n_samples >= {self.estimator.min_samples}")
+        self.n_samples, self.seed, self.stochastic_rounding = n_samples, seed, bool(stochastic_rounding)
+        self.stacked = bool(stacked)
+        self.steps_done = 0
+        self._pending: TrajectoryStep | None = None
+        self._history: list[TrajectoryStep] = []
+        self._directions: dict[str, directions.Direction] = {}
+        self._read_outside: dict[frozenset, set[int]] = {}
+        self._warned_unread = False
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        position = sum(len(group["params"]) for group in self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["direction"] = self._direction(group["direction"]).spec
+        names = group.get("param_names")
+        group["keys"] = list(names) if names is not None else [f"#{position + i}" for i in range(len(group["params"]))]
+        seen = [k for g in self.param_groups[:-1] for k in g["keys"]]
+        if set(seen) & set(group["keys"]) or len(set(group["keys"])) != len(group["keys"]):
+            raise ValueError("parameter names must be unique across groups")
+
+    def _direction(self, spec) -> directions.Direction:
+        direction = directions.make(spec)
+        label = repr(sorted(direction.spec.items()))
+        return self._directions.setdefault(label, direction)  # one object per spec: its V cache is shared
+
+    # -- estimation -------------------------------------------------------
+
+    def _active(self) -> tuple[list[PerturbedParam], list[str]]:
+        active, skipped = [], []
+        for group in self.param_groups:
+            direction = self._direction(group["direction"])
+            for param, key in zip(group["params"], group["keys"]):
+                if param.requires_grad:
+                    active.append(PerturbedParam(param, key, direction))
+                else:
+                    skipped.append(key)
+        return active, skipped
+
+    def _eps(self) -> float:
+        values = {group["eps"] for group in self.param_groups}
+        if len(values) != 1:
+            raise ValueError(f"all parameter groups must share one eps, got {sorted(values)}")
+        return values.pop()
+
+    def _evaluate(self, closure, active, draw: Draw | None, eps: float):
+        if draw is None:
+            return closure()
+        signature = frozenset(id(item.param) for item in active)
+        outside = self._read_outside.get(signature)
+        if outside is None:  # first evaluation of this set: find parameters read outside their modules
+            with Perturbation(active, draw, eps, probe=True) as probe:
+                loss = closure()
+            outside = self._read_outside[signature] = probe.read_outside
+            self._warn_unread(probe, active)
+            if not outside:
+                return loss
+        with Perturbation(active, draw, eps, whole=outside):
+            return closure()
+
+    def _evaluate_stacked(self, closure, active, plan):
+        if frozenset(id(item.param) for item in active) not in self._read_outside:
+            first = next(draw for draw, _ in plan if draw is not None)
+            self._evaluate(lambda: closure(1), active, first, plan[0][1])  # the probe, once
+        if any(self._read_outside.values()):
+            raise ValueError("stacked evaluation cannot perturb parameters read outside their modules; "
+                             "use stacked=False")
+        # The unperturbed point is one more copy, perturbed by 0.
+        copies = [(draw or Draw(self.seed, self.steps_done, 0), scale) for draw, scale in plan]
+        with StackedPerturbation(active, copies):
+            losses = closure(len(copies))
+        if not isinstance(losses, torch.Tensor) or losses.shape != (len(copies),):
+            raise ValueError(f"with stacked=True the closure must return {len(copies)} losses, one per copy")
+        return list(losses.unbind())
+
+    def _warn_unread(self, probe: Perturbation, active) -> None:
+        unread = [item.key for item in active if id(item.param) not in probe.used | probe.read_outside]
+        if unread and not self._warned_unread:
+            self._warned_unread = True
+            listed = ", ".join(unread[:5]) + (", ..." if len(unread) > 5 else "")
+            warnings.warn(f"{len(unread)} of {len(active)} parameters were not read by the loss ({listed}); "
+                          "their perturbation had no effect", stacklevel=4)
+
+    def estimate(self, closure) -> float:
+        """Evaluate the closure at the estimator's points and keep the step's coefficients.
+
+        The first half of a step, for trainers that compute the loss themselves;
+        :meth:`step` without a closure then applies the update.
+        """
+        active, skipped = self._active()
+        eps = self._eps()
+        seeds = [derive_seed(self.seed, self.steps_done, j) for j in range(self.n_samples)]
+        plan = [(None if sample is None else Draw(self.seed, self.steps_done, seeds[sample]), sign * eps)
+                for sample, sign in self.estimator.plan(self.n_samples)]
+        with torch.no_grad():
+            if self.stacked:
+                losses = self._evaluate_stacked(closure, active, plan)
+            else:
+                losses = [self._evaluate(closure, active, draw, scale) for draw, scale in plan]
+        values = _to_floats(losses)  # the step's one host synchronisation
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"the closure returned a non-finite loss ({values}) at step {self.steps_done}; "
+                                     "lower lr or eps, or use float32/bfloat16")
+        result = self.estimator.combine(values, self.n_samples, eps)
+        self._pending = TrajectoryStep(self.steps_done, seeds, result.grads, [], [], skipped, result.coeffs)
+        return result.loss
+
+    # -- update -----------------------------------------------------------
+
+    def step(self, closure=None) -> float | None:
+        """One step: ``estimate(closure)`` (if given) then the update."""
+        loss = self.estimate(closure) if closure is not None else None
+        if self._pending is None:
+            raise RuntimeError("MeZO.step() needs a closure, or a call to estimate(closure) first")
+        record = self._pending
+        record.lrs = [float(group["lr"]) for group in self.param_groups]
+        record.weight_decays = [float(group["weight_decay"]) for group in self.param_groups]
+        self.apply_step(record)
+        self._history.append(record)
+        self._pending = None
+        self.steps_done += 1
+        return loss
+
+    @torch.no_grad()
+    def apply_step(self, record: TrajectoryStep) -> None:
+        """Apply one recorded update (used by :meth:`step` and :func:`replay`)."""
+        coeffs = record.coefficients()
+        draws = [Draw(self.seed, record.step, seed) for seed in record.seeds]
+        rounding = rounding_seed(self.seed, record.step) if self.stochastic_rounding else None
+        skipped = set(record.skipped)
+        for group, lr, wd in zip(self.param_groups, record.lrs, record.weight_decays):
+            if lr == 0:
+                continue
+            direction = self._direction(group["direction"])
+            for param, key in zip(group["params"], group["keys"]):
+                if key not in skipped:
+                    direction.update_(param, key, draws, coeffs, lr, wd,
+                                      rounding if param.dtype in _HALF else None)
+
+    # -- records and resume -----------------------------------------------
+
+    @property
+    def last_step(self) -> TrajectoryStep | None:
+        """The record of the latest step (seeds, projected gradients, lrs), or None before the first."""
+        return self._history[-1] if self._history else None
+
+    @property
+    def trajectory(self) -> Trajectory:
+        """Everything :func:`replay` needs to rebuild the weights."""
+        return Trajectory(keys=[list(g["keys"]) for g in self.param_groups],
+                          sizes=[[p.numel() for p in g["params"]] for g in self.param_groups],
+                          directions=[dict(g["direction"]) for g in self.param_groups], seed=self.seed,
+                          stochastic_rounding=self.stochastic_rounding, steps=list(self._history))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        pending = None if self._pending is None else Trajectory([], [], [], steps=[self._pending]).to_dict()
+        state["zotune"] = {"steps_done": self.steps_done, "n_samples": self.n_samples,
+                           "estimator": self.estimator.name, "pending": pending,
+                           "trajectory": self.trajectory.to_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("zotune", None)
+        if extra is None:
+            raise ValueError("not a zotune MeZO state dict (no 'zotune' entry)")
+        recorded = Trajectory.from_dict(extra["trajectory"])
+        if recorded.keys != self.trajectory.keys or recorded.sizes != self.trajectory.sizes:
+            raise ValueError("the state dict was saved for different parameters")
+        super().load_state_dict(state_dict)
+        self.steps_done, self.n_samples = extra["steps_done"], extra["n_samples"]
+        self.estimator = estimate.get(extra["estimator"])
+        self.seed, self.stochastic_rounding = recorded.seed, recorded.stochastic_rounding
+        pending = extra["pending"]
+        self._pending = None if pending is None else Trajectory.from_dict(pending).steps[0]
+        self._history = recorded.steps
+
+
+def _to_floats(losses) -> list[float]:
+    tensors = [loss for loss in losses if isinstance(loss, torch.Tensor)]
+    if not tensors:
+        return [float(loss) for loss in losses]
+    device = tensors[0].device
+    stacked = torch.stack([loss.detach().reshape(()).to(device, torch.float64) if isinstance(loss, torch.Tensor)
+                           else torch.tensor(float(loss), dtype=torch.float64, device=device) for loss in losses])
+    return stacked.tolist()
+
+
+def replay(params, trajectory: Trajectory | dict | str | os.PathLike) -> None:
+    """Apply every step of ``trajectory`` to ``params`` in place.
+
+    ``params`` must be given as to the optimizer that recorded the trajectory (same
+    groups, order and names) and hold the initial weights.
+    """
+    if isinstance(trajectory, dict):
+        trajectory = Trajectory.from_dict(trajectory)
+    elif not isinstance(trajectory, Trajectory):
+        trajectory = Trajectory.load(trajectory)
+    optimizer = MeZO(params, lr=0.0, seed=trajectory.seed, stochastic_rounding=trajectory.stochastic_rounding)
+    layout = optimizer.trajectory
+    if layout.keys != trajectory.keys or layout.sizes != trajectory.sizes:
+        raise ValueError("replay needs the parameters of the recorded run, in the same groups, order and naming "
+                         "(named_parameters() if the run used names)")
+    for group, spec in zip(optimizer.param_groups, trajectory.directions):
+        group["direction"] = optimizer._direction(spec).spec
+    for step in trajectory.steps:
+        optimizer.apply_step(step)

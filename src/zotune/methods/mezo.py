@@ -1,0 +1,86 @@
+"""MeZO (Malladi et al. 2023): zeroth-order SGD on every weight, from forward passes only.
+
+:class:`ZOConfig` holds the zeroth-order options that every ZO method shares (LMAO's ZO
+phase reads the same fields), and :func:`zo_options` turns them into the keyword
+arguments of :class:`zotune.MeZO`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zotune
+from zotune.methods.registry import (Method, MethodConfig, check_positive, option, save_model,
+                                     settings_errors)
+
+DIRECTIONS = ("gaussian", "rademacher", "lowrank")
+ESTIMATORS = ("spsa", "one-sided", "fzoo")
+
+
+@dataclass
+class ZOConfig(MethodConfig):
+    eps: float = option(1e-3, "perturbation scale")
+    n_samples: int = option(1, "perturbations per step (n-SPSA)")
+    # ``distribution``: the name in run folders written before low-rank directions existed.
+    direction: str = option("gaussian", "direction of the perturbations: dense gaussian or rademacher, or lowrank "
+                            "(U Vᵀ per matrix)", choices=DIRECTIONS, aliases=("distribution",))
+    rank: int = option(2, "rank of lowrank directions")
+    resample_every: int = option(50, "lowrank: steps between two draws of V")
+    estimator: str = option("spsa", "gradient estimator: spsa (two-sided), one-sided or fzoo", choices=ESTIMATORS)
+    stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (unbiased) rather than "
+                                       "to nearest")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "eps", "n_samples", "rank", "resample_every")
+
+
+def zo_options(config: ZOConfig) -> dict:
+    """The keyword arguments of :class:`zotune.MeZO` that come from a ZO config."""
+    direction = config.direction
+    if direction == "lowrank":
+        direction = zotune.LowRank(rank=config.rank, interval=config.resample_every)
+    return dict(eps=config.eps, n_samples=config.n_samples, direction=direction, estimator=config.estimator,
+                stochastic_rounding=config.stochastic_rounding)
+
+
+def projected_grad(optimizer) -> float:
+    """The mean projected gradient of the latest step (the metric MeZO runs log)."""
+    grads = optimizer.last_step.grads
+    return sum(grads) / len(grads)
+
+
+@dataclass
+class MeZOConfig(ZOConfig):
+    lr: float = option(1e-6, "learning rate")
+
+
+class MeZOMethod(Method):
+    """Zeroth order on all weights: forward passes only, no gradients.
+
+    Weight decay applies to matrices only (``zotune.decay_groups``); the run exports
+    ``model/`` and ``trajectory.json``, from which ``zotune replay`` rebuilds ``model/``.
+    """
+
+    replays = "model"
+
+    def __init__(self, model, config: MeZOConfig, seed: int = 0, steps: int = 1):
+        super().__init__(model, config, seed, steps)
+        with settings_errors():
+            self.optimizer = zotune.MeZO(zotune.decay_groups(model.named_parameters(), config.weight_decay),
+                                         lr=config.lr, seed=seed, **zo_options(config))
+
+    def step(self, loss_fn) -> dict:
+        self.model.eval()  # dropout would make the perturbed losses differ
+        loss = self.optimizer.step(loss_fn)
+        return {"projected_grad": projected_grad(self.optimizer), "loss": loss,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def export(self, folder, model, tokenizer) -> None:
+        self.optimizer.trajectory.save(folder / "trajectory.json")
+        save_model(folder / "model", model, tokenizer)
+
+    @classmethod
+    def replay(cls, model, config: MeZOConfig, trajectory):
+        zotune.replay(zotune.decay_groups(model.named_parameters(), config.weight_decay), trajectory)
+        return model

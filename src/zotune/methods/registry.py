@@ -1,0 +1,170 @@
+"""The method registry: name -> (Config, Method).
+
+The recipe (``zotune.train``), evaluation and replay, the CLI and the bench read this
+table and never branch on a method's name, so a new method is one module (a Config
+dataclass and a :class:`Method` subclass) plus one :func:`register` line in
+``zotune/methods/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from zotune.errors import UserError
+
+
+def option(default, help: str, **extra):
+    """A config field with its help text; ``choices`` and ``aliases`` (older names) are read by the CLI."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_choices(config) -> None:
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        if callable(choices):
+            choices = choices()
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise UserError(f"{f.name} {value!r} is not one of {', '.join(choices)}")
+
+
+def check_positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:  # written so that NaN fails too
+            raise UserError(f"{flag(name)} must be positive, got {value}")
+
+
+def check_non_negative(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value >= 0:
+            raise UserError(f"{flag(name)} must be 0 or more, got {value}")
+
+
+@contextmanager
+def settings_errors():
+    """An optimizer that rejects a value built from a config rejects the user's settings: one line, no traceback."""
+    try:
+        yield
+    except ValueError as error:
+        raise UserError(str(error).splitlines()[0]) from None
+
+
+@dataclass
+class MethodConfig:
+    """Base of the method configs: every field carries help text and a default, and
+    ``__post_init__`` validates (subclasses extend it and call ``super().__post_init__()``)."""
+
+    lr: float = option(1e-4, "learning rate")
+    weight_decay: float = option(0.0, "weight decay (not applied to biases and norms)")
+
+    def __post_init__(self):
+        check_choices(self)
+        check_non_negative(self, "lr", "weight_decay")
+
+
+class Method:
+    """What the recipe drives: one object per run, built from the initial model and the method's config.
+
+    A subclass wraps the model if it needs to (``self.model`` is what the recipe scores),
+    builds its optimizer(s) and implements :meth:`step`. The defaults below fit a method
+    with one ``self.optimizer`` that updates the trainable parameters of a full model.
+    The first line of the class docstring is the method's one-line help.
+
+    Args:
+        model: the loaded model, in eval mode; wrapping it draws from the global RNG,
+            which the recipe has seeded (and forked) for the run.
+        config: an instance of the method's registered Config.
+        seed: the run's seed (e.g. for the zeroth-order directions).
+        steps: the run's total steps (e.g. for a learning-rate schedule).
+    """
+
+    #: what :meth:`replay` rebuilds, for messages; None when the method records no trajectory
+    replays: str | None = None
+
+    def __init__(self, model, config, seed: int = 0, steps: int = 1):
+        self.model, self.config, self.seed, self.steps = model, config, seed, steps
+
+    def step(self, loss_fn) -> dict:
+        """One training step. ``loss_fn()`` returns the minibatch loss tensor; the method
+        chooses train/eval mode, autograd and backward. Returns at least ``{"loss": float}``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def checkpoint_tensors(self) -> dict:
+        """The tensors a resumable checkpoint must hold: those the method changes."""
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def export(self, folder: Path, model, tokenizer) -> None:
+        """Writes the final weights of ``model`` (this method's model) into the run folder."""
+        save_model(folder / "model", model, tokenizer)
+
+    @classmethod
+    def replay(cls, model, config, trajectory: Path):
+        """Applies a finished run's ``trajectory.json`` to the initial ``model``; returns the model to save."""
+        raise NotImplementedError(f"{cls.__name__} records no trajectory")
+
+    @classmethod
+    def as_exported(cls, replayed, folder: Path):
+        """The replayed weights as the run exported them in ``model/``, and a note for the message."""
+        return replayed, ""
+
+
+def save_model(folder: Path, model, tokenizer) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+class Entry(NamedTuple):
+    config: type
+    method: type
+
+    @property
+    def summary(self) -> str:
+        lines = (self.method.__doc__ or "").strip().splitlines()
+        return lines[0].rstrip(".") if lines else ""
+
+
+METHODS: dict[str, Entry] = {}
+
+
+def register(name: str, config: type, method: type) -> Entry:
+    """Adds a method: ``config`` is a dataclass whose fields all have defaults and help text."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    if not (dataclasses.is_dataclass(config) and issubclass(method, Method)):
+        raise TypeError("register(name, Config, Method): a dataclass and a zotune.methods.Method subclass")
+    for f in dataclasses.fields(config):
+        if "help" not in f.metadata or f.default is dataclasses.MISSING:
+            raise TypeError(f"{config.__name__}.{f.name} needs a default and metadata={{'help': ...}} (see option())")
+    METHODS[name] = entry = Entry(config, method)
+    return entry
+
+
+def get(name: str) -> Entry:
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def names() -> list[str]:
+    return list(METHODS)
+
+
+def describe() -> str:
+    """The --method help: each registered method and its one-line summary."""
+    return "; ".join(f"{name}: {entry.summary}" if entry.summary else name for name, entry in METHODS.items())

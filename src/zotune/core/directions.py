@@ -6,7 +6,7 @@ direction knows how to
 
 * give a forward the perturbed weight ``W + eps * z`` (:meth:`Direction.perturbed`);
 * perturb a layer's output instead, for low-rank directions on Linear, Hugging Face
-  Conv1D and Embedding layers (:meth:`Direction.output_delta`), so that the m×n
+  Conv1D and Embedding layers (:meth:`Direction.perturb_output`), so that the m×n
   perturbation is never materialised;
 * apply the update ``W <- W - lr * (sum_j c_j z_j + weight_decay * W)``
   (:meth:`Direction.update_`), with stochastic rounding for bfloat16/float16.
@@ -43,15 +43,16 @@ class Direction:
 
     spec: dict
 
-    def perturbed(self, weight: torch.Tensor, key: str, draw: Draw, eps: float) -> torch.Tensor:
+    def perturbed(self, weight: torch.Tensor, key: str, draw: Draw, eps: float, out=None) -> torch.Tensor:
+        """``W + eps * z`` in W's dtype, written into ``out`` (a tensor like W) when given."""
         raise NotImplementedError
 
     def output_delta_applies(self, module, weight) -> bool:
-        """Whether :meth:`output_delta` perturbs ``weight`` when ``module`` runs."""
+        """Whether :meth:`perturb_output` perturbs ``weight`` when ``module`` runs."""
         return False
 
-    def output_delta(self, module, weight, inputs, output, key: str, draw: Draw, eps: float) -> torch.Tensor:
-        """``eps`` times the change of the layer's output under ``W + z`` (float32)."""
+    def perturb_output(self, module, weight, inputs, output, key: str, draw: Draw, eps: float) -> torch.Tensor:
+        """The layer's output under ``W + eps * z``, computed from its output under W (in place)."""
         raise NotImplementedError
 
     def update_(self, weight, key: str, draws: list[Draw], coeffs: list[float], lr: float, weight_decay: float,
@@ -86,8 +87,9 @@ class Dense(Direction):
     def key_hash(key: str) -> int:
         return _key_hash("param", key)
 
-    def perturbed(self, weight, key, draw, eps):
-        out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    def perturbed(self, weight, key, draw, eps, out=None):
+        if out is None:
+            out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         self._kernels(weight.device).perturb(out.view(-1), _flat(weight), 0, draw.seed, self.key_hash(key),
                                            self.distribution, eps)
         return out
@@ -146,28 +148,29 @@ class LowRank(Direction):
         self._v_cache[cache_key] = (epoch, v)  # a pure function of its arguments: only saves recomputation
         return v
 
-    def perturbed(self, weight, key, draw, eps):
+    def perturbed(self, weight, key, draw, eps, out=None):
         if weight.ndim != 2:
-            return self._dense.perturbed(weight, key, draw, eps)
+            return self._dense.perturbed(weight, key, draw, eps, out)
         u, v = self.factors(weight.shape, key, draw, weight.device)
         dtype = kernels.compute_dtype(weight.dtype)
         values = torch.addmm(weight.to(dtype), u.to(dtype), v.to(dtype).T, alpha=eps)
-        return values.to(weight.dtype)
+        return values.to(weight.dtype) if out is None else out.copy_(values)
 
     def output_delta_applies(self, module, weight) -> bool:
         return weight.ndim == 2 and _layer_kind(module) is not None and getattr(module, "weight", None) is weight
 
-    def output_delta(self, module, weight, inputs, output, key, draw, eps):
+    def perturb_output(self, module, weight, inputs, output, key, draw, eps):
+        # One rank-r GEMM accumulated into the output: no delta tensor the size of the activations.
         kind = _layer_kind(module)
         u, v = self.factors(weight.shape, key, draw, weight.device)
-        dtype = kernels.compute_dtype(output.dtype)
-        u, v = u.to(dtype), v.to(dtype)
-        if kind == "Embedding":
-            return eps * u[inputs[0]] @ v.T  # U's rows of the looked-up ids
-        x = inputs[0].to(dtype)
-        if kind == "Linear":  # y = x W^T, W (out, in): delta = eps (x V) U^T
-            return eps * (x @ v) @ u.T
-        return eps * (x @ u) @ v.T  # Conv1D: y = x W, W (in, out)
+        u, v = u.to(output.dtype), v.to(output.dtype)
+        rows = output.view(-1, output.shape[-1])
+        if kind == "Embedding":  # y = W[ids]: U's rows of the looked-up ids times V^T
+            return rows.addmm_(u[inputs[0].reshape(-1)], v.T, alpha=eps).view_as(output)
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(output.dtype)
+        if kind == "Linear":  # y = x W^T, W (out, in): (x V) U^T
+            return rows.addmm_(x @ v, u.T, alpha=eps).view_as(output)
+        return rows.addmm_(x @ u, v.T, alpha=eps).view_as(output)  # Conv1D: y = x W, W (in, out)
 
     def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed):
         if weight.ndim != 2:

@@ -95,6 +95,7 @@ class MeZO(torch.optim.Optimizer):
         self._history: list[TrajectoryStep] = []
         self._directions: dict[str, directions.Direction] = {}
         self._read_outside: dict[frozenset, set[int]] = {}
+        self._scratch: dict = {}  # perturbed weights' buffers, reused across evaluations
         self._warned_unread = False
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
         super().__init__(params, defaults)
@@ -140,13 +141,13 @@ class MeZO(torch.optim.Optimizer):
         signature = frozenset(id(item.param) for item in active)
         outside = self._read_outside.get(signature)
         if outside is None:  # first evaluation of this set: find parameters read outside their modules
-            with Perturbation(active, draw, eps, probe=True) as probe:
+            with Perturbation(active, draw, eps, probe=True, scratch=self._scratch) as probe:
                 loss = closure()
             outside = self._read_outside[signature] = probe.read_outside
             self._warn_unread(probe, active)
             if not outside:
                 return loss
-        with Perturbation(active, draw, eps, whole=outside):
+        with Perturbation(active, draw, eps, whole=outside, scratch=self._scratch):
             return closure()
 
     def _evaluate_stacked(self, closure, active, plan):

@@ -52,8 +52,12 @@ class Perturbation:
     holds the ids found (the loss computed under a probe that found some is wrong for them).
     """
 
-    def __init__(self, params: list[PerturbedParam], draw: Draw, eps: float, whole=(), probe: bool = False):
+    def __init__(self, params: list[PerturbedParam], draw: Draw, eps: float, whole=(), probe: bool = False,
+                 scratch: dict | None = None):
         self.draw, self.eps, self.probe = draw, eps, probe
+        # Scratch tensors kept between evaluations (one per shape and dtype): fresh CPU allocations
+        # of this size cost page faults on every forward.
+        self._scratch = {} if scratch is None else scratch
         self._by_id = {id(item.param): item for item in params}
         self._whole = {pid for pid in whole if pid in self._by_id}
         self._swapped: dict[int, tuple[torch.Tensor, int]] = {}
@@ -90,7 +94,8 @@ class Perturbation:
     def _swap_in(self, pid: int) -> None:
         item = self._by_id[pid]
         original = item.param.data
-        item.param.data = item.direction.perturbed(original, item.key, self.draw, self.eps)
+        spare = self._scratch.pop((original.shape, original.dtype, original.device), None)
+        item.param.data = item.direction.perturbed(original, item.key, self.draw, self.eps, spare)
         self._swapped[pid] = (original, 1)
 
     def _owned(self, module: nn.Module):
@@ -144,8 +149,7 @@ class Perturbation:
         if not items:
             return None
         for item in items:
-            delta = item.direction.output_delta(module, item.param, args, output, item.key, self.draw, self.eps)
-            output = output + delta.to(output.dtype)
+            output = item.direction.perturb_output(module, item.param, args, output, item.key, self.draw, self.eps)
         return output
 
     def _restore(self, pid: int, force: bool = False):
@@ -155,8 +159,11 @@ class Perturbation:
         if depth > 1 and not force:
             self._swapped[pid] = (original, depth - 1)
             return
+        scratch = self._by_id[pid].param.data
         self._by_id[pid].param.data = original
         del self._swapped[pid]
+        if scratch.is_contiguous():
+            self._scratch[(scratch.shape, scratch.dtype, scratch.device)] = scratch
 
     def _saw(self, tensor) -> None:
         pid = id(tensor)
@@ -217,7 +224,7 @@ class StackedPerturbation(Perturbation):
         pieces = []
         for k, (draw, eps) in enumerate(self.copies):
             part_args, part_kwargs = (args, kwargs) if shared else _copy_slice((args, kwargs), k, size, output.shape[0])
-            piece = output if shared else output[k * size : (k + 1) * size]
+            piece = output.clone() if shared else output[k * size : (k + 1) * size]
             if rerun:
                 originals = [item.param.data for item in rerun]
                 try:
@@ -228,8 +235,7 @@ class StackedPerturbation(Perturbation):
                     for item, original in zip(rerun, originals):
                         item.param.data = original
             for item in deltas:
-                delta = item.direction.output_delta(module, item.param, part_args, piece, item.key, draw, eps)
-                piece = piece + delta.to(piece.dtype)
+                piece = item.direction.perturb_output(module, item.param, part_args, piece, item.key, draw, eps)
             pieces.append(piece.expand(self._total // copies, *piece.shape[1:]) if shared else piece)
         return torch.cat(pieces)
 

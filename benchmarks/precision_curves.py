@@ -23,9 +23,9 @@ from zotune.scoring import Scorer
 
 RUNS = {  # name: (dtype, stochastic rounding, seed)
     "fp32": ("fp32", True, 0),
-    "fp32, seed 1": ("fp32", True, 1),
-    "bf16, stochastic rounding": ("bf16", True, 0),
-    "bf16, round to nearest": ("bf16", False, 0),
+    "fp32-seed1": ("fp32", True, 1),
+    "bf16-stochastic": ("bf16", True, 0),
+    "bf16-nearest": ("bf16", False, 0),
 }
 
 
@@ -62,7 +62,8 @@ def main():
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-size", type=int, default=64)
-    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS)
+                        + "; the first is the reference of the displacement projections")
     parser.add_argument("--out", default="runs/precision")
     args = parser.parse_args()
     out = Path(args.out)

@@ -184,15 +184,19 @@ class LowRank(Direction):
         dtype = kernels.compute_dtype(weight.dtype)
         combined, v = combined.to(dtype), v.to(dtype)
         flat, backend = _flat(weight), kernels.get(weight.device)
-        rows = max(1, kernels.CHUNK // max(n, 1))
-        for begin in range(0, m, rows):
-            end = min(begin + rows, m)
-            w = flat[begin * n : end * n].view(end - begin, n).to(dtype, copy=True)
-            step = combined[begin:end] @ v.T
-            if weight_decay:
-                step.add_(w, alpha=weight_decay)
-            w.add_(step, alpha=-lr)
-            backend.round_into(flat[begin * n : end * n], w.view(-1), begin * n, Dense.key_hash(key), rounding_seed)
+        if weight.dtype == dtype:  # float32/float64: one GEMM pass in place, W (1 - lr wd) - lr C V^T
+            flat.view(m, n).addmm_(combined, v.T, beta=1 - lr * weight_decay, alpha=-lr)
+        else:  # bfloat16/float16: in float32 by pieces of rows, then (stochastically) rounded
+            rows = max(1, kernels.CHUNK // max(n, 1))
+            for begin in range(0, m, rows):
+                end = min(begin + rows, m)
+                w = flat[begin * n : end * n].view(end - begin, n).to(dtype, copy=True)
+                step = combined[begin:end] @ v.T
+                if weight_decay:
+                    step.add_(w, alpha=weight_decay)
+                w.add_(step, alpha=-lr)
+                backend.round_into(flat[begin * n : end * n], w.view(-1), begin * n, Dense.key_hash(key),
+                                   rounding_seed)
         if flat.data_ptr() != weight.data_ptr():
             weight.detach().copy_(flat.view_as(weight))
 

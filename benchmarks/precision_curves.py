@@ -100,7 +100,7 @@ def plot(results, path):
         train_axis.plot(range(window - 1, window - 1 + len(smooth)), smooth, label=name)
         eval_axis.plot(*zip(*result["evals"]), marker="o", label=name)
     train_axis.set(title="training loss (20-step mean)", xlabel="step", ylabel="loss")
-    eval_axis.set(title="loss on 64 fixed training examples", xlabel="step", ylabel="loss")
+    eval_axis.set(title="loss on --eval-size fixed training examples", xlabel="step", ylabel="loss")
     eval_axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -112,6 +112,9 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError("parameter names must be unique across groups")
 
     def _direction(self, spec) -> directions.Direction:
+        # Called per group on every step with the group's spec dict: look it up before building anything.
+        if isinstance(spec, dict) and repr(sorted(spec.items())) in self._directions:
+            return self._directions[repr(sorted(spec.items()))]
         direction = directions.make(spec)
         label = repr(sorted(direction.spec.items()))
         return self._directions.setdefault(label, direction)  # one object per spec: its V cache is shared

@@ -26,7 +26,8 @@ def test_every_registered_method_and_variant_is_a_bench_row():
     from zotune import methods
 
     names = bench.all_methods()
-    assert set(methods.names()) | {"forward", "mezo-reference", "mezo-rademacher", "mezo-lowrank"} == set(names)
+    assert set(methods.names()) | {"forward", "mezo-reference", "mezo-rademacher", "mezo-lowrank", "mezo-offload",
+                                   "hzo-offload"} == set(names)
     assert names.index("mezo") < names.index("mezo-rademacher") < names.index("mezo-lowrank")
 
 
@@ -59,3 +60,10 @@ def test_bad_bench_arguments():
         bench.bench("llama-tiny", methods=["sgd"], device="cpu")
     with pytest.raises(UserError, match="must be positive"):
         bench.bench("llama-tiny", batch_size=0, device="cpu")
+
+
+def test_offload_rows_run_and_give_the_next_row_a_whole_model():
+    rows = bench.bench("llama-tiny", batch_size=1, length=4, dtype="fp32", device="cpu", repeats=1,
+                       methods=["mezo-offload", "hzo-offload", "hzo", "mezo"])
+    assert [r["method"] for r in rows] == ["mezo-offload", "hzo-offload", "hzo", "mezo"]
+    assert all(r["seconds"] > 0 for r in rows)

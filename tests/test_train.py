@@ -18,7 +18,9 @@ def config(model_dir, out, **extra):
     return from_mapping(values)  # flat: run fields and the method's options
 
 
-LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2, "lmao": 1e-2}
+LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2, "lmao": 1e-2, "hzo": 1e-2}
+# Runs of a method with options: (method, options).
+VARIANTS = {"mezo-offload": ("mezo", {"offload": "cpu"}), "hzo-offload": ("hzo", {"offload": "cpu", "lr_zo": 1e-2})}
 
 
 def final_weights(out, method):
@@ -30,20 +32,23 @@ def final_weights(out, method):
     return load_file(out / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["mezo", "ft", "lora-ft", "lmao"])
-def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("variant", ["mezo", "ft", "lora-ft", "lmao", "hzo", "mezo-offload", "hzo-offload"])
+def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch, variant):
+    method, options = VARIANTS.get(variant, (variant, {}))
+    options = {"lr": LRS[method], **options}
     straight = tmp_path / "straight"
-    result = train(config(tiny_model_dir, straight, method=method, lr=LRS[method]))
+    result = train(config(tiny_model_dir, straight, method=method, **options))
     names = {p.name for p in straight.iterdir()}
     assert {"config.yaml", "samples.json", "metrics.jsonl", "result.json"} <= names
     assert ("adapter" in names) == (method in ("lora-ft", "lmao")) and ("model" in names) == (method != "lora-ft")
-    assert ("trajectory.json" in names) == (method in ("mezo", "lmao")) and "checkpoint" not in names
+    assert ("trajectory.json" in names) == (method in ("mezo", "lmao", "hzo")) and "checkpoint" not in names
+    assert ("first_order.safetensors" in names) == (method == "hzo")
     assert result["steps"] == 4 and 0 <= result["test_accuracy"] <= 1
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 0, "test_accuracy": result["zero_shot_accuracy"]}
     assert [r["step"] for r in rows[1:]] == [1, 2, 3, 4] and "dev_accuracy" in rows[2]
     assert all(k in rows[1] for k in ("loss", "lr", "examples_per_s", "peak_memory_mb"))
-    assert ("projected_grad" in rows[1]) == (method in ("mezo", "lmao"))
+    assert ("projected_grad" in rows[1]) == (method in ("mezo", "lmao", "hzo"))
 
     # Ctrl-C after step 2 (the signal handler only sets the flag), then --resume.
     interrupted = tmp_path / "interrupted"
@@ -56,7 +61,7 @@ def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_
 
     monkeypatch.setattr(Run, "train_step", stop_after_two)
     with pytest.raises(Interrupted, match="--resume"):
-        train(config(tiny_model_dir, interrupted, method=method, lr=LRS[method]))
+        train(config(tiny_model_dir, interrupted, method=method, **options))
     assert (interrupted / "checkpoint").is_dir() and not (interrupted / "result.json").exists()
     monkeypatch.setattr(Run, "train_step", original)
     resumed = train(resume_config(str(interrupted), {"progress": False}), resume=True)
@@ -131,11 +136,12 @@ def test_masked_lm_trains_and_evaluates(tmp_path, method):
     assert 0 <= result["test_accuracy"] <= 1 and result["steps"] == 2
 
 
-@pytest.mark.parametrize("method", ["mezo", "lmao"])
+@pytest.mark.parametrize("method", ["mezo", "lmao", "hzo"])
 def test_a_diverging_zeroth_order_run_is_a_user_error(tiny_model_dir, tmp_path, monkeypatch, method):
     from zotune.errors import UserError
     from zotune.scoring import Scorer
 
-    monkeypatch.setattr(Scorer, "loss", lambda self, prompts, labels: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(Scorer, "loss", lambda self, prompts, labels, copies=None: torch.tensor(float("nan"),
+                                                                                               requires_grad=True))
     with pytest.raises(UserError, match="lower"):
         train(config(tiny_model_dir, tmp_path / "run", method=method, zero_shot=False))

@@ -3,11 +3,13 @@
 from zotune.core.directions import Dense, Direction, LowRank
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory, TrajectoryStep
+from zotune.methods.hzo import HZO
 from zotune.methods.lmao import LMAO
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HZO",
     "LMAO",
     "Dense",
     "Direction",

@@ -21,9 +21,11 @@ from zotune.models import DTYPES
 FORWARD, REFERENCE = "forward", "mezo-reference"
 # Variants of registered methods: (method, config overrides).
 VARIANTS = {"mezo-rademacher": ("mezo", {"direction": "rademacher"}),
-            "mezo-lowrank": ("mezo", {"direction": "lowrank"})}
+            "mezo-lowrank": ("mezo", {"direction": "lowrank"}),
+            "mezo-offload": ("mezo", {"offload": "cpu"}),
+            "hzo-offload": ("hzo", {"offload": "cpu"})}
 # ft last: it may run out of memory.
-DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "lora-ft", "ft")
+DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "hzo", "lora-ft", "ft")
 BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what they were
 # (hidden, layers, heads, ffn) of the OPT family; vocab 50272 and 2048 positions throughout.
 OPT_SIZES = {
@@ -137,8 +139,14 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, m
     ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
 
-    def loss():
-        return model(input_ids=ids, labels=ids).loss
+    def loss(copies=None):  # with copies: one loss per copy of the batch (stacked evaluation)
+        if copies is None:
+            return model(input_ids=ids, labels=ids).loss
+        repeated = ids.repeat(copies, 1)
+        logits = model(input_ids=repeated).logits[:, :-1]
+        each = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 repeated[:, 1:].reshape(-1), reduction="none")
+        return each.view(copies, -1).mean(1)
 
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
@@ -179,6 +187,9 @@ def _run_method(name, model, loss, meter) -> dict:
     try:
         return meter(lambda: trainer.step(loss))
     finally:
+        if trainer.engine is not None:  # give the next method a model in one place again
+            trainer.engine.close()
+            model.to(meter.device)
         if trainer.model is not model:  # a LoRA method wrapped it: give the next method the plain model
             trainer.model.unload()
         for p in model.parameters():

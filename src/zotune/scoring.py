@@ -41,32 +41,38 @@ class Scorer:
     def device(self):
         return next(self.model.parameters()).device
 
-    def scores(self, prompts: list[str]) -> torch.Tensor:
-        """[len(prompts), n_candidates] mean log-likelihoods (differentiable when grad is on)."""
+    def scores(self, prompts: list[str], copies: int = 1) -> torch.Tensor:
+        """[copies * len(prompts), n_candidates] mean log-likelihoods (differentiable when grad is on);
+        ``copies`` repeats the batch along dim 0, copy-major (stacked zeroth-order evaluation)."""
         if self.kind == "masked":
-            return self._masked_scores(prompts)
-        return self._causal_scores(prompts)
+            return self._masked_scores(prompts, copies)
+        return self._causal_scores(prompts, copies)
 
-    def loss(self, prompts: list[str], labels: list[int]) -> torch.Tensor:
+    def loss(self, prompts: list[str], labels: list[int], copies: int | None = None) -> torch.Tensor:
+        """The cross-entropy over the candidates; with ``copies``, one loss per copy of the batch."""
         labels = torch.tensor(labels, device=self.device)
-        return F.cross_entropy(self.scores(prompts), labels)
+        if copies is None:
+            return F.cross_entropy(self.scores(prompts), labels)
+        each = F.cross_entropy(self.scores(prompts, copies), labels.repeat(copies), reduction="none")
+        return each.view(copies, len(prompts)).mean(1)
 
     def _prompt_ids(self, prompt: str, room: int) -> list[int]:
         ids = self.tokenizer(prompt)["input_ids"]
         return ids[-room:]  # keep the end of a long prompt: the candidate must follow its last words
 
-    def _causal_scores(self, prompts):
+    def _causal_scores(self, prompts, copies):
         n_cand = len(self.candidate_ids)
         longest = max(len(ids) for ids in self.candidate_ids)
         if longest == 1:  # one forward per prompt scores every single-token candidate at once
-            return self._next_token_scores(prompts)
+            return self._next_token_scores(prompts, copies)
         rows, lengths = [], []
         for prompt in prompts:
             prompt_ids = self._prompt_ids(prompt, self.max_length - longest)
             for cand in self.candidate_ids:
                 rows.append(prompt_ids + cand)
                 lengths.append(len(cand))
-        input_ids, attention = self._pad(rows, left=True)
+        input_ids, attention = self._pad(rows, left=True, copies=copies)
+        lengths = lengths * copies
         keep = longest + 1
         logits = self.model(**self._causal_inputs(input_ids, attention, keep)).logits[:, -keep:].float()
         targets = input_ids[:, -longest:]
@@ -75,10 +81,11 @@ class Scorer:
         position = torch.arange(longest, device=logp.device)
         on_candidate = position.unsqueeze(0) >= (longest - lengths).unsqueeze(1)
         mean = (logp * on_candidate).sum(1) / lengths
-        return mean.view(len(prompts), n_cand)
+        return mean.view(-1, n_cand)
 
-    def _next_token_scores(self, prompts):
-        input_ids, attention = self._pad([self._prompt_ids(p, self.max_length - 1) for p in prompts], left=True)
+    def _next_token_scores(self, prompts, copies):
+        input_ids, attention = self._pad([self._prompt_ids(p, self.max_length - 1) for p in prompts], left=True,
+                                         copies=copies)
         logits = self.model(**self._causal_inputs(input_ids, attention, keep=1)).logits[:, -1].float()
         return torch.log_softmax(logits, dim=-1)[:, self._first_tokens(logits.device)]
 
@@ -93,17 +100,17 @@ class Scorer:
     def _first_tokens(self, device):
         return torch.tensor([ids[0] for ids in self.candidate_ids], device=device)
 
-    def _masked_scores(self, prompts):
+    def _masked_scores(self, prompts, copies):
         rows = [self._prompt_ids(p + " " + self.tokenizer.mask_token, self.max_length) for p in prompts]
-        input_ids, attention = self._pad(rows, left=False)
+        input_ids, attention = self._pad(rows, left=False, copies=copies)
         logits = self.model(input_ids=input_ids, attention_mask=attention).logits
         at_mask = input_ids == self.tokenizer.mask_token_id
         # The mask we appended is the last one in each row.
         position = (at_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
-        mask_logits = logits[torch.arange(len(rows), device=logits.device), position].float()
+        mask_logits = logits[torch.arange(input_ids.shape[0], device=logits.device), position].float()
         return torch.log_softmax(mask_logits, dim=-1)[:, self._first_tokens(logits.device)]
 
-    def _pad(self, rows, left: bool):
+    def _pad(self, rows, left: bool, copies: int = 1):
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -111,7 +118,7 @@ class Scorer:
             span = slice(width - len(row), width) if left else slice(0, len(row))
             ids[i, span] = torch.tensor(row)
             attention[i, span] = 1
-        return ids.to(self.device), attention.to(self.device)
+        return ids.repeat(copies, 1).to(self.device), attention.repeat(copies, 1).to(self.device)
 
 
 @torch.no_grad()

@@ -72,7 +72,10 @@ class Run:
         # The data first: its mistakes should not wait for a model to load.
         self.task = tasks.build_task(config)
         self.split = tasks.sample(self.task, config.n_train, config.n_dev, config.n_test, config.seed)
-        model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind)
+        # An offloaded model stays in host memory: the method moves what stays resident to the device.
+        offload = getattr(config.options, "offload", "none") != "none"
+        model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind,
+                                                       device="cpu" if offload else None)
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model
@@ -101,6 +104,7 @@ class Run:
         final, partial = self.out / "checkpoint", self.out / "checkpoint.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
+        self.method.flush()
         save_file(self.method.checkpoint_tensors(), partial / "weights.safetensors")
         torch.save({"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()}, partial / "state.pt")
         (partial / "progress.json").write_text(json.dumps(self.state))
@@ -138,7 +142,7 @@ class Run:
         prompts = [self.task.prompt(e) for e in examples]
         labels = [e.label for e in examples]
         try:
-            record = self.method.step(lambda: self.scorer.loss(prompts, labels))
+            record = self.method.step(lambda copies=None: self.scorer.loss(prompts, labels, copies))
         except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
             raise UserError(str(error)) from None
         if not math.isfinite(record["loss"]):
@@ -199,6 +203,7 @@ class Run:
 
     def finish(self) -> dict:
         test = self.evaluate(self.split.test, "test")["accuracy"]
+        self.method.flush()
         self.method.export(self.out, self.model, self.tokenizer)
         steps = self.state["step"]
         result = {

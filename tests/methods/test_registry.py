@@ -59,7 +59,7 @@ def test_a_registered_method_is_in_the_cli_help(toy, capsys):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--toy-scale TOY_SCALE multiplies the loss [toy; default: 1.0]" in text
-    assert "toy: Plain SGD on every weight (a test method)" in text and "{mezo,ft,lora-ft,lmao,toy}" in text
+    assert "toy: Plain SGD on every weight (a test method)" in text and "{mezo,ft,lora-ft,lmao,hzo,toy}" in text
 
 
 def test_a_registered_method_trains_resumes_and_evaluates(toy, tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -131,4 +131,4 @@ def test_flat_options_split_into_run_fields_and_the_methods_own():
     assert "eps" not in flat and flat["lora_r"] == 4 and flat["method"] == "lora-ft"  # eps: not lora-ft's
     assert cfg.from_mapping(flat) == config
     defaults = {name: entry.config().lr for name, entry in methods.METHODS.items()}
-    assert defaults == {"mezo": 1e-6, "ft": 1e-5, "lora-ft": 1e-4, "lmao": 1e-4}
+    assert defaults == {"mezo": 1e-6, "ft": 1e-5, "lora-ft": 1e-4, "lmao": 1e-4, "hzo": 1e-4}

@@ -97,6 +97,8 @@ class MeZO(torch.optim.Optimizer):
         self._read_outside: dict[frozenset, set[int]] = {}
         self._scratch: dict = {}  # perturbed weights' buffers, reused across evaluations
         self._warned_unread = False
+        self._deferred: set[int] = set()
+        self._receivers: list = []
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
         super().__init__(params, defaults)
 
@@ -210,15 +212,24 @@ class MeZO(torch.optim.Optimizer):
         record = self._pending
         record.lrs = [float(group["lr"]) for group in self.param_groups]
         record.weight_decays = [float(group["weight_decay"]) for group in self.param_groups]
-        self.apply_step(record)
+        self.apply_step(record, skip=self._deferred)
+        for receiver in self._receivers:
+            receiver(self, record)
         self._history.append(record)
         self._pending = None
         self.steps_done += 1
         return loss
 
+    def defer_updates(self, params, receiver) -> None:
+        """Leave the updates of ``params`` to ``receiver(optimizer, record)``, called after each
+        step, who applies them later with ``apply_step(record, only=...)`` (block offload)."""
+        self._deferred |= {id(p) for p in params}
+        self._receivers.append(receiver)
+
     @torch.no_grad()
-    def apply_step(self, record: TrajectoryStep) -> None:
-        """Apply one recorded update (used by :meth:`step` and :func:`replay`)."""
+    def apply_step(self, record: TrajectoryStep, only: set[int] | None = None, skip: set[int] = frozenset()) -> None:
+        """Apply one recorded update (used by :meth:`step` and :func:`replay`), to the
+        parameters whose ids are in ``only`` (default: all) and not in ``skip``."""
         coeffs = record.coefficients()
         draws = [Draw(self.seed, record.step, seed) for seed in record.seeds]
         rounding = rounding_seed(self.seed, record.step) if self.stochastic_rounding else None
@@ -228,7 +239,7 @@ class MeZO(torch.optim.Optimizer):
                 continue
             direction = self._direction(group["direction"])
             for param, key in zip(group["params"], group["keys"]):
-                if key not in skipped:
+                if key not in skipped and id(param) not in skip and (only is None or id(param) in only):
                     direction.update_(param, key, draws, coeffs, lr, wd,
                                       rounding if param.dtype in _HALF else None)
 

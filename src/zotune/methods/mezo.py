@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 import zotune
+from zotune.engine.blocks import find_blocks
+from zotune.engine.offload import Offload
 from zotune.methods.registry import (Method, MethodConfig, check_positive, option, save_model,
                                      settings_errors)
 
@@ -29,6 +33,8 @@ class ZOConfig(MethodConfig):
     estimator: str = option("spsa", "gradient estimator: spsa (two-sided), one-sided or fzoo", choices=ESTIMATORS)
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (unbiased) rather than "
                                        "to nearest")
+    stacked: bool = option(False, "evaluate a step's perturbed points in one forward over the batch repeated "
+                           "(activation memory grows with the copies; always on with --offload)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -40,8 +46,32 @@ def zo_options(config: ZOConfig) -> dict:
     direction = config.direction
     if direction == "lowrank":
         direction = zotune.LowRank(rank=config.rank, interval=config.resample_every)
+    stacked = config.stacked or getattr(config, "offload", "none") != "none"
     return dict(eps=config.eps, n_samples=config.n_samples, direction=direction, estimator=config.estimator,
-                stochastic_rounding=config.stochastic_rounding)
+                stochastic_rounding=config.stochastic_rounding, stacked=stacked)
+
+
+@dataclass
+class OffloadOptions:
+    """The options of the methods that can stream their zeroth-order blocks through the device."""
+
+    offload: str = option("none", "cpu: keep the zeroth-order blocks in (pinned) CPU memory and stream them "
+                          "through the device one by one", choices=("none", "cpu"))
+    blocks: str = option("auto", "dotted path of the model's nn.ModuleList of transformer blocks (auto: known "
+                         "families)")
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_blocks(model, modules, optimizer, config) -> Offload | None:
+    """The offload engine of ``modules`` when the config asks for one, attached to ``optimizer``."""
+    if config.offload == "none":
+        return None
+    engine = Offload(model, modules, compute_device())
+    engine.attach(optimizer)
+    return engine
 
 
 def projected_grad(optimizer) -> float:
@@ -51,7 +81,7 @@ def projected_grad(optimizer) -> float:
 
 
 @dataclass
-class MeZOConfig(ZOConfig):
+class MeZOConfig(ZOConfig, OffloadOptions):
     lr: float = option(1e-6, "learning rate")
 
 
@@ -69,6 +99,9 @@ class MeZOMethod(Method):
         with settings_errors():
             self.optimizer = zotune.MeZO(zotune.decay_groups(model.named_parameters(), config.weight_decay),
                                          lr=config.lr, seed=seed, **zo_options(config))
+        if config.offload != "none":
+            blocks = [module for _, module in find_blocks(model, config.blocks).blocks]
+            self.engine = offload_blocks(model, blocks, self.optimizer, config)
 
     def step(self, loss_fn) -> dict:
         self.model.eval()  # dropout would make the perturbed losses differ

@@ -90,6 +90,8 @@ class Method:
 
     #: what :meth:`replay` rebuilds, for messages; None when the method records no trajectory
     replays: str | None = None
+    #: the :class:`zotune.engine.offload.Offload` engine streaming the model's blocks, if any
+    engine = None
 
     def __init__(self, model, config, seed: int = 0, steps: int = 1):
         self.model, self.config, self.seed, self.steps = model, config, seed, steps
@@ -98,6 +100,12 @@ class Method:
         """One training step. ``loss_fn()`` returns the minibatch loss tensor; the method
         chooses train/eval mode, autograd and backward. Returns at least ``{"loss": float}``."""
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Makes the weights final in host memory (pending offloaded updates applied); the
+        recipe calls it before a checkpoint and before export."""
+        if self.engine is not None:
+            self.engine.flush()
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()

@@ -1,0 +1,1 @@
+"""Execution engine: how a model's blocks are found, offloaded and scheduled."""

@@ -1,0 +1,232 @@
+"""Block-wise offload: a model's blocks live in host memory and stream through the device.
+
+Each offloaded block keeps its weights in one flat host buffer per dtype (pinned when
+the device is a GPU). The device holds a few *slots*, flat buffers the size of the
+largest block; a block is bound to a slot (its parameters become views of the slot)
+only while it computes. Three streams overlap the work of consecutive blocks:
+
+* upload: block i+1 is copied into a free slot while block i computes;
+* compute: the model's own stream; it waits for block i's upload event, no more;
+* write-back: after block i computes, its slot is copied back to host memory, if the
+  block changed, while block i+1 computes.
+
+Streams are ordered by events alone: nothing inside a step waits on the host. On a CPU
+"device" the same code runs with plain copies, which is how CI proves that an
+offloaded run equals an in-memory one bit for bit.
+
+Zeroth-order updates reach an offloaded block lazily: :class:`zotune.MeZO` hands each
+step's record to :meth:`Offload.receive`, and the update is applied on the device when
+the block is next bound, regenerated from the seeds (so a block crosses the bus once
+per step: up, updated, used, down). :meth:`Offload.flush` applies what is still
+pending and waits for the write-backs: call it before the host reads the weights
+(checkpoints, export).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+class _Block:
+    """One offloaded module: its parameters, their host buffers, and where it is now."""
+
+    def __init__(self, index: int, module: nn.Module, pin: bool):
+        self.index, self.module = index, module
+        self.params = [p for p in module.parameters()]
+        self.ids = {id(p) for p in self.params}
+        self.sizes: dict[torch.dtype, int] = {}
+        self.offsets: list[tuple[torch.dtype, int]] = []
+        for p in self.params:
+            self.offsets.append((p.dtype, self.sizes.get(p.dtype, 0)))
+            self.sizes[p.dtype] = self.sizes.get(p.dtype, 0) + p.numel()
+        self.host = {dtype: torch.empty(size, dtype=dtype, pin_memory=pin) for dtype, size in self.sizes.items()}
+        for view, p in zip(self._views(self.host), self.params):
+            view.copy_(p.detach().view(-1).cpu())
+        self.bind(self.host)
+        self.slot: _Slot | None = None
+        self.uploaded = self.written_back = None  # events; None: nothing in flight
+        self.pending: list = []
+        self.dirty = False
+
+    def _views(self, flats: dict):
+        return [flats[dtype][offset : offset + p.numel()] for (dtype, offset), p in zip(self.offsets, self.params)]
+
+    def bind(self, flats: dict) -> None:
+        for view, p in zip(self._views(flats), self.params):
+            p.data = view.view(p.shape)
+
+
+class _Slot:
+    def __init__(self, sizes: dict, device):
+        self.flats = {dtype: torch.empty(size, dtype=dtype, device=device) for dtype, size in sizes.items()}
+        self.free_after = None  # event after which the slot may be overwritten
+
+
+class Offload:
+    """Streams ``blocks`` (modules of ``model``, in forward order) through ``device``.
+
+    Everything of ``model`` outside the blocks (embeddings, head, the first-order blocks
+    of HZO) moves to ``device`` for good; the blocks' buffers too (they are small).
+
+    Args:
+        model: the model; its parameters may start anywhere.
+        blocks: the modules to offload, in the order the forward runs them.
+        device: where the model computes.
+        slots: device buffers for blocks (3: upload, compute and write-back in flight).
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], device, slots: int = 3):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.device = torch.device(device)
+        self.gpu = self.device.type == "cuda"
+        offloaded = {id(p) for block in blocks for p in block.parameters()}
+        inside = {id(m) for block in blocks for m in block.modules()}
+        shared = [name for name, m in model.named_modules() if id(m) not in inside
+                  for leaf, p in m._parameters.items() if p is not None and id(p) in offloaded]
+        if shared:  # a tied weight would be read by a module that does not stream it in
+            raise ValueError(f"offloaded parameters are also used outside the blocks: {shared[:3]}")
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) not in offloaded:
+                    p.data = p.data.to(self.device)
+            for name, buffer in model.named_buffers():  # buffers are small: they stay on the device
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = buffer.to(self.device)
+        self.blocks = [_Block(i, module, pin=self.gpu) for i, module in enumerate(blocks)]
+        largest: dict[torch.dtype, int] = {}
+        for block in self.blocks:
+            for dtype, size in block.sizes.items():
+                largest[dtype] = max(largest.get(dtype, 0), size)
+        self._all_slots = [_Slot(largest, self.device) for _ in range(slots)]
+        self.slots = deque(self._all_slots)  # the free ones
+        if self.gpu:
+            self.upload_stream, self.write_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+        self._optimizers: list = []
+        self._handles = []
+        for block in self.blocks:
+            self._handles.append(block.module.register_forward_pre_hook(self._hook_before(block)))
+            self._handles.append(block.module.register_forward_hook(self._hook_after(block), always_call=True))
+
+    # -- streams and events (no-ops on a CPU device, where copies are synchronous) --
+
+    def _stream(self, stream):
+        return torch.cuda.stream(stream) if self.gpu else nullcontext()
+
+    def _record(self, stream=None):
+        if not self.gpu:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream or torch.cuda.current_stream(self.device))
+        return event
+
+    def _wait(self, event, stream=None) -> None:
+        if event is not None:
+            (stream or torch.cuda.current_stream(self.device)).wait_event(event)
+
+    # -- the pipeline ------------------------------------------------------------
+
+    def _upload(self, block: _Block) -> bool:
+        """Starts copying ``block`` into a free slot; False when every slot is busy."""
+        if block.slot is not None:
+            return True
+        if not self.slots:
+            return False
+        slot = self.slots.popleft()
+        stream = self.upload_stream if self.gpu else None
+        self._wait(slot.free_after, stream)  # its previous block has been read and written back
+        self._wait(block.written_back, stream)  # the host copy is final
+        with self._stream(stream):
+            for dtype, host in block.host.items():
+                slot.flats[dtype][: host.numel()].copy_(host, non_blocking=True)
+        block.uploaded = self._record(stream)
+        block.slot = slot
+        return True
+
+    def _hook_before(self, block: _Block):
+        def before(module, args):
+            if not self._upload(block):
+                raise RuntimeError("offload: no free slot for a block; is a block running inside another?")
+            self._wait(block.uploaded)
+            block.bind(block.slot.flats)
+            following = self.blocks[block.index + 1] if block.index + 1 < len(self.blocks) else None
+            if following is not None:
+                self._upload(following)  # overlaps this block's compute
+            self._apply_pending(block)
+        return before
+
+    def _hook_after(self, block: _Block):
+        def after(module, args, output):
+            self._release(block)
+            if block.index == len(self.blocks) - 1:
+                self._upload(self.blocks[0])  # the next pass (step) starts with block 0
+        return after
+
+    def _release(self, block: _Block) -> None:
+        slot = block.slot
+        if block.dirty:
+            done = self._record()
+            stream = self.write_stream if self.gpu else None
+            self._wait(done, stream)
+            with self._stream(stream):
+                for dtype, host in block.host.items():
+                    host.copy_(slot.flats[dtype][: host.numel()], non_blocking=True)
+            block.written_back = slot.free_after = self._record(stream)
+            block.dirty = False
+        else:
+            slot.free_after = self._record()
+        block.bind(block.host)
+        block.slot = None
+        self.slots.append(slot)
+
+    # -- pending updates ------------------------------------------------------------
+
+    def attach(self, optimizer) -> None:
+        """Let ``optimizer`` (a :class:`zotune.MeZO`) hand over the updates of the offloaded parameters."""
+        optimizer.defer_updates([p for block in self.blocks for p in block.params], self.receive)
+        self._optimizers.append(optimizer)
+
+    def receive(self, optimizer, record) -> None:
+        for block in self.blocks:
+            block.pending.append((optimizer, record))
+
+    def _apply_pending(self, block: _Block) -> None:
+        for optimizer, record in block.pending:
+            optimizer.apply_step(record, only=block.ids)
+            block.dirty = True
+        block.pending.clear()
+
+    def flush(self) -> None:
+        """Applies every pending update, writes the blocks back and drops prefetched copies:
+        afterwards the host buffers hold the weights and the host may read or write them."""
+        for block in self.blocks:
+            if block.pending:
+                if not self._upload(block):
+                    raise RuntimeError("offload: no free slot to flush a block")
+                self._wait(block.uploaded)
+                block.bind(block.slot.flats)
+                self._apply_pending(block)
+            if block.slot is not None:
+                self._release(block)
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+        for block in self.blocks:
+            block.uploaded = block.written_back = None
+        for slot in self._all_slots:
+            slot.free_after = None
+
+    def close(self) -> None:
+        """Flushes and removes the hooks; the blocks stay in host memory."""
+        self.flush()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the device slots (what the offloaded blocks cost on the device)."""
+        return sum(f.numel() * f.element_size() for slot in self._all_slots for f in slot.flats.values())

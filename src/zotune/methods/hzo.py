@@ -1,0 +1,247 @@
+"""HZO (methods.md §3): zeroth order with low-rank directions on the shallow blocks,
+first order (AdamW) on the deepest blocks, the final norm and the head.
+
+The model's blocks are found per family (:mod:`zotune.engine.blocks`). The shallow
+part (embeddings and every block but the last ``deep_blocks``) is trained by
+:class:`zotune.MeZO` with :class:`zotune.LowRank` directions (U Vᵀ, V resampled every
+``interval`` steps); the deep part by ``torch.optim.AdamW``. The first-order forward
+runs the shallow part without autograd and switches it on at the first deep block, so
+the backward, and the activations it keeps, cover the deep part alone. A head tied to
+the input embedding belongs to the first-order part and gets the head's gradient only.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import zotune
+from zotune.engine.blocks import find_blocks
+from zotune.errors import UserError
+from zotune.methods.mezo import OffloadOptions, ZOConfig, offload_blocks, projected_grad, zo_options
+from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
+
+FO_EVERY = ("step", "resample")
+ORDERS = ("zo-first", "fo-first")
+
+
+def split_parameters(model, deep_blocks: int, blocks: str = "auto"):
+    """(shallow, deep) lists of (name, parameter), the shallow blocks (modules) and the module where autograd starts."""
+    layout = find_blocks(model, blocks)
+    n = len(layout.blocks)
+    if not 0 <= deep_blocks <= n:
+        raise UserError(f"--deep-blocks {deep_blocks}: the model has {n} blocks; choose 0 to {n}")
+    sections = layout.section_of(model)
+    deep_sections = {f"block:{i}" for i in range(n - deep_blocks, n)} | {"head"}
+    shallow, deep = [], []
+    for name, param in model.named_parameters():
+        (deep if sections[name] in deep_sections else shallow).append((name, param))
+    boundary = layout.blocks[n - deep_blocks][1] if deep_blocks else layout.head[0][1]
+    return shallow, deep, [module for _, module in layout.blocks[: n - deep_blocks]], boundary
+
+
+@contextmanager
+def autograd_from(module: torch.nn.Module):
+    """No autograd until ``module`` starts its forward, then autograd for the rest of the context."""
+    def enable(module, args):
+        torch.set_grad_enabled(True)
+
+    handle = module.register_forward_pre_hook(enable)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        handle.remove()
+
+
+class HZO:
+    """The two optimizers of HZO behind one ``step(closure)`` / ``state_dict`` surface.
+
+    Args:
+        model: a Hugging Face model (or any model with ``blocks`` given).
+        deep_blocks: k, the number of last blocks trained by first order (with the final
+            norm and the head); 0 trains the head alone by first order.
+        lr_fo: AdamW learning rate of the deep part (``fo`` is a plain AdamW: attach any scheduler).
+        lr_zo: zeroth-order learning rate of the shallow part.
+        eps, n_samples, estimator, stochastic_rounding: as in :class:`zotune.MeZO`.
+        rank, interval, orthonormal: the shallow part's :class:`zotune.LowRank` directions.
+        fo_every: ``"step"``, or ``"resample"``: only on the steps where V is resampled (the paper).
+        order: ``"zo-first"`` or ``"fo-first"`` within a step that has both.
+        weight_decay: decay of the matrices of both parts (not biases or norms).
+        max_grad_norm: clipping of the deep part's gradient (None: no clipping).
+        blocks: ``"auto"`` or the dotted path of the model's ``nn.ModuleList`` of blocks.
+        direction: overrides the low-rank direction (a :class:`zotune.Direction` or a name).
+        stacked: evaluate the zeroth-order points in one forward (see :class:`zotune.MeZO`).
+
+    ``shallow_blocks`` lists the zeroth-order blocks (modules), e.g. for
+    :class:`zotune.engine.offload.Offload`, attached to the zeroth-order optimizer ``zo``.
+
+    ``step(closure)``: the closure returns the minibatch loss; the zeroth-order phase
+    calls it under ``no_grad`` in eval mode, the first-order phase once in train mode
+    with autograd from the first deep block on. Returns the zeroth-order estimator's loss.
+    """
+
+    def __init__(self, model, deep_blocks: int = 1, lr_fo: float = 1e-4, lr_zo: float = 1e-6, eps: float = 1e-3,
+                 rank: int = 2, interval: int = 50, orthonormal: bool = False, fo_every: str = "step",
+                 order: str = "zo-first", weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                 n_samples: int = 1, estimator: str = "spsa", seed: int = 0, stochastic_rounding: bool = True,
+                 blocks: str = "auto", direction=None, stacked: bool = False):
+        if fo_every not in FO_EVERY:
+            raise ValueError(f"fo_every must be one of {FO_EVERY}, got {fo_every!r}")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.model, self.fo_every, self.order, self.max_grad_norm = model, fo_every, order, max_grad_norm
+        self.interval = interval
+        shallow, deep, self.shallow_blocks, self.boundary = split_parameters(model, deep_blocks, blocks)
+        if not shallow:
+            raise UserError("HZO needs at least one zeroth-order parameter: lower --deep-blocks")
+        self.shallow = [p for _, p in shallow]
+        self.deep = [p for _, p in deep]
+        for param in self.shallow + self.deep:
+            param.requires_grad_(True)
+        direction = direction or zotune.LowRank(rank=rank, interval=interval, orthonormal=orthonormal)
+        self.zo = zotune.MeZO(zotune.decay_groups(shallow, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
+                              estimator=estimator, direction=direction, seed=seed,
+                              stochastic_rounding=stochastic_rounding, stacked=stacked)
+        self.fo = torch.optim.AdamW(zotune.decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
+        self.fo_steps = 0
+        self.last_fo_loss: float | None = None
+
+    def fo_due(self) -> bool:
+        """Whether the step about to run has a first-order phase."""
+        return self.fo is not None and (self.fo_every == "step" or self.zo.steps_done % self.interval == 0)
+
+    def step(self, closure) -> float:
+        fo_now = self.fo_due()
+        if fo_now and self.order == "fo-first":
+            self._first_order(closure)
+        self.model.eval()  # dropout would make the perturbed losses differ
+        loss = self.zo.step(closure)
+        if fo_now and self.order == "zo-first":
+            self._first_order(closure)
+        return loss
+
+    def _first_order(self, closure) -> None:
+        self.model.train()
+        self.fo.zero_grad(set_to_none=True)
+        with autograd_from(self.boundary):
+            loss = closure()
+        if not loss.requires_grad:
+            raise RuntimeError("the first-order loss does not depend on the deep blocks: check --blocks")
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.deep, self.max_grad_norm)
+        self.fo.step()
+        self.fo.zero_grad(set_to_none=True)  # nothing held through the next zeroth-order phase
+        self.model.eval()
+        self.fo_steps += 1
+        self.last_fo_loss = float(loss.detach())
+        if not math.isfinite(self.last_fo_loss):
+            raise FloatingPointError(f"the first-order loss is {self.last_fo_loss} at step {self.zo.steps_done}; "
+                                     "lower lr")
+
+    @property
+    def steps_done(self) -> int:
+        return self.zo.steps_done
+
+    @property
+    def trajectory(self):
+        """The zeroth-order part's trajectory: it rebuilds the shallow part from the initial weights."""
+        return self.zo.trajectory
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return (self.fo.param_groups if self.fo else []) + self.zo.param_groups
+
+    def state_dict(self) -> dict:
+        return {"fo": self.fo.state_dict() if self.fo else None, "zo": self.zo.state_dict(),
+                "fo_steps": self.fo_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.fo is not None:
+            self.fo.load_state_dict(state_dict["fo"])
+        self.zo.load_state_dict(state_dict["zo"])
+        self.fo_steps = state_dict["fo_steps"]
+
+
+@dataclass
+class HZOConfig(ZOConfig, OffloadOptions):
+    lr: float = option(1e-4, "first-order (AdamW) learning rate of the deep blocks and head (decayed linearly to 0)")
+    lr_zo: float = option(1e-6, "zeroth-order learning rate of the shallow blocks (constant)")
+    direction: str = option("lowrank", "direction of the shallow part's perturbations: lowrank (U Vᵀ per matrix), "
+                            "or dense gaussian or rademacher", choices=("lowrank", "gaussian", "rademacher"))
+    deep_blocks: int = option(1, "k: the last k transformer blocks (with the final norm and head) train by first "
+                              "order")
+    fo_every: str = option("step", "when the first-order phase runs: every step, or on the steps V is resampled "
+                           "(resample, as in the paper)", choices=FO_EVERY)
+    order: str = option("zo-first", "within a step: zeroth-order phase first, or first-order first", choices=ORDERS)
+    max_grad_norm: float = option(1.0, "clipping of the first-order part's gradient norm")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_non_negative(self, "lr_zo", "deep_blocks")
+        check_positive(self, "max_grad_norm")
+
+
+class HZOMethod(Method):
+    """Low-rank zeroth order on the shallow blocks, AdamW on the deepest.
+
+    The run exports ``model/``, the zeroth-order part's ``trajectory.json`` and the
+    first-order part's final weights (``first_order.safetensors``): ``zotune replay``
+    rebuilds the shallow part from the trajectory and restores the deep part from that file.
+    """
+
+    replays = "model (shallow part from the trajectory, deep part from first_order.safetensors)"
+
+    def __init__(self, model, config: HZOConfig, seed: int = 0, steps: int = 1):
+        super().__init__(model, config, seed, steps)
+        options = zo_options(config)
+        with settings_errors():
+            self.optimizer = HZO(model, deep_blocks=config.deep_blocks, lr_fo=config.lr, lr_zo=config.lr_zo,
+                                 interval=config.resample_every, fo_every=config.fo_every, order=config.order,
+                                 weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
+                                 blocks=config.blocks, **options)
+        self.engine = offload_blocks(model, self.optimizer.shallow_blocks, self.optimizer.zo, config)
+
+    def step(self, loss_fn) -> dict:
+        hzo = self.optimizer
+        if hzo.fo is not None:  # a function of the step count: resume-safe
+            for group in hzo.fo.param_groups:
+                group["lr"] = self.config.lr * (1 - hzo.steps_done / self.steps)
+        lr = hzo.fo.param_groups[0]["lr"] if hzo.fo is not None else 0.0
+        loss = hzo.step(loss_fn)
+        record = {"projected_grad": projected_grad(hzo.zo), "loss": loss, "lr": lr}
+        if hzo.last_fo_loss is not None:
+            record["fo_loss"] = hzo.last_fo_loss
+        return record
+
+    def checkpoint_tensors(self) -> dict:
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters()}
+
+    def export(self, folder, model, tokenizer) -> None:
+        self.optimizer.trajectory.save(folder / "trajectory.json")
+        deep = {id(p) for p in self.optimizer.deep}
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in deep},
+                  folder / "first_order.safetensors")
+        save_model(folder / "model", model, tokenizer)
+
+    @classmethod
+    def replay(cls, model, config: HZOConfig, trajectory):
+        shallow = split_parameters(model, config.deep_blocks, config.blocks)[0]
+        for _, param in shallow:
+            param.requires_grad_(True)
+        zotune.replay(zotune.decay_groups(shallow, config.weight_decay), trajectory)
+        deep = Path(trajectory).parent / "first_order.safetensors"
+        if not deep.is_file():
+            raise UserError(f"{deep} is missing: the first-order part cannot be rebuilt from seeds")
+        saved = load_file(deep)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
+        return model

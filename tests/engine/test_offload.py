@@ -1,0 +1,109 @@
+"""The offload engine with the CPU as both host and device: copies instead of transfers,
+the same schedule, pending updates and flushes as on a GPU."""
+
+import pytest
+import torch
+
+import zotune
+from zotune.engine.blocks import find_blocks
+from zotune.engine.offload import Offload
+
+from ..conftest import VOCAB, assert_same, snapshot, tiny_model
+
+
+def stacked_closure(model, seed: int = 0, batch: int = 3, length: int = 10):
+    """A closure for stacked evaluation: ``closure(copies)`` gives one loss per copy of the batch."""
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+    def closure(copies=None):
+        x = ids if copies is None else ids.repeat(copies, 1)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        each = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none")
+        return each.mean() if copies is None else each.view(copies, -1).mean(1)
+
+    return closure
+
+
+def blocks_of(model):
+    return [module for _, module in find_blocks(model).blocks]
+
+
+DIRECTIONS = {"gaussian": "gaussian", "lowrank": zotune.LowRank(rank=2, interval=2)}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "separate"])
+def test_offloaded_mezo_equals_in_memory_bit_for_bit(family, direction, stacked):
+    runs = []
+    for offload in (False, True):
+        model = tiny_model(family)
+        optimizer = zotune.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, direction=DIRECTIONS[direction],
+                                stacked=stacked, seed=5)
+        engine = Offload(model, blocks_of(model), "cpu") if offload else None
+        if engine:
+            engine.attach(optimizer)
+        closure = stacked_closure(model)
+        losses = [optimizer.step(closure) for _ in range(3)]
+        if engine:
+            pending = snapshot(model)
+            engine.flush()
+            flushed = snapshot(model)
+            # The last step's update waited for the next upload: the flush is what applies it.
+            assert any(not torch.equal(pending[n], flushed[n]) for n in flushed)
+        runs.append((losses, snapshot(model)))
+    (losses, weights), (offloaded_losses, offloaded) = runs
+    assert losses == offloaded_losses
+    assert_same(weights, offloaded)
+
+
+def test_offloaded_hzo_equals_in_memory_bit_for_bit():
+    runs = []
+    for offload in (False, True):
+        model = tiny_model("llama")
+        hzo = zotune.HZO(model, deep_blocks=1, lr_fo=1e-2, lr_zo=1e-2, eps=1e-2, interval=2, seed=1, stacked=True)
+        if offload:
+            engine = Offload(model, hzo.shallow_blocks, "cpu")
+            engine.attach(hzo.zo)
+        closure = stacked_closure(model)
+        for _ in range(3):
+            hzo.step(closure)
+        if offload:
+            engine.flush()
+        runs.append(snapshot(model))
+    assert_same(*runs)
+
+
+def test_one_upload_per_block_and_step_with_stacked_evaluation():
+    model = tiny_model("opt")
+    optimizer = zotune.MeZO(model.named_parameters(), lr=1e-3, stacked=True)
+    engine = Offload(model, blocks_of(model), "cpu", slots=2)
+    engine.attach(optimizer)
+    uploads = []
+    original = engine._upload
+    engine._upload = lambda block: (uploads.append(block.index) if block.slot is None else None, original(block))[1]
+    closure = stacked_closure(model)
+    optimizer.step(closure)  # the first step also probes for parameters read outside their modules
+    uploads.clear()
+    optimizer.step(closure)
+    optimizer.step(closure)
+    assert sorted(uploads) == [0, 0, 1, 1]
+
+
+def test_blocks_live_in_host_memory_and_the_rest_on_the_device():
+    model = tiny_model("llama")
+    blocks = blocks_of(model)
+    engine = Offload(model, blocks, "cpu")
+    assert engine.device_bytes == 3 * max(sum(p.numel() * 4 for p in b.parameters()) for b in blocks)
+    for block in engine.blocks:  # every parameter a view of the block's one host buffer
+        storage = block.host[torch.float32].untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == storage for p in block.params)
+    engine.close()
+    before = snapshot(model)
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long))  # no hooks left: a plain model again
+    assert_same(before, snapshot(model))
+
+
+def test_tied_weights_cannot_be_offloaded():
+    model = tiny_model("gpt2")  # lm_head is wte
+    with pytest.raises(ValueError, match="outside the blocks"):
+        Offload(model, [model.transformer.wte], "cpu")

@@ -24,10 +24,17 @@ def test_the_last_blocks_norm_and_head_are_first_order():
         split_parameters(model, deep_blocks=3)
 
 
-def test_a_tied_head_is_first_order():
+def test_a_tied_head_follows_the_head_option():
     model = tiny_model("gpt2")
-    shallow, deep, _, _ = split_parameters(model, deep_blocks=1)
+    shallow, deep, _, _ = split_parameters(model, deep_blocks=1, head="fo")
     assert "transformer.wte.weight" in {n for n, _ in deep} and "transformer.wpe.weight" in {n for n, _ in shallow}
+    for head in ("zo", "auto"):  # auto: tied to the zeroth-order embedding, so zeroth order too
+        shallow, deep, _, _ = split_parameters(model, deep_blocks=1, head=head)
+        assert {"transformer.wte.weight", "transformer.ln_f.weight"} <= {n for n, _ in shallow}
+        assert all(n.startswith("transformer.h.1.") for n, _ in deep)
+    assert "transformer.wte.weight" in {n for n, _ in split_parameters(model, deep_blocks=0, head="auto")[1]}
+    with pytest.raises(UserError, match="--deep-blocks 1"):
+        split_parameters(model, deep_blocks=0, head="zo")
 
 
 def test_backward_runs_through_the_deep_blocks_alone():
@@ -111,3 +118,15 @@ def test_offloaded_run_equals_the_in_memory_run(tiny_model_dir, tmp_path, method
     a = load_file(tmp_path / "memory" / "model" / "model.safetensors")
     b = load_file(tmp_path / "offload" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("order, estimator, calls", [("zo-first", "spsa", 3), ("fo-first", "spsa", 3),
+                                                      ("joint", "one-sided", 2)])
+def test_forwards_per_step(order, estimator, calls):
+    model = tiny_model("llama")
+    hzo = zotune.HZO(model, lr_fo=1e-2, lr_zo=1e-2, order=order, estimator=estimator)
+    closure, count = lm_closure(model), []
+    hzo.step(lambda: (count.append(1), closure())[1])
+    assert len(count) == calls and hzo.fo_steps == 1
+    with pytest.raises(ValueError, match="one-sided"):
+        zotune.HZO(model, order="joint")

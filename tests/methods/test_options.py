@@ -35,7 +35,8 @@ def test_zo_options_reach_the_optimizer_and_the_run_folder(tiny_model_dir, tmp_p
             "--eps", "0.01"]
     assert cli.main(args) == 0
     assert mezo_calls[0] == dict(lr=mezo_calls[0]["lr"], eps=0.01, n_samples=2, seed=3, direction="rademacher",
-                                 estimator="one-sided", stochastic_rounding=False, stacked=False)
+                                 estimator="one-sided", stochastic_rounding=False, stacked=False,
+                                 merge="step")
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["direction"], saved["estimator"], saved["stochastic_rounding"]) == ("rademacher", "one-sided", False)
 

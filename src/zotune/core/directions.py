@@ -160,27 +160,44 @@ class LowRank(Direction):
         return weight.ndim == 2 and _layer_kind(module) is not None and getattr(module, "weight", None) is weight
 
     def perturb_output(self, module, weight, inputs, output, key, draw, eps):
-        # One rank-r GEMM accumulated into the output: no delta tensor the size of the activations.
-        kind = _layer_kind(module)
         u, v = self.factors(weight.shape, key, draw, weight.device)
-        u, v = u.to(output.dtype), v.to(output.dtype)
-        rows = output.view(-1, output.shape[-1])
-        if kind == "Embedding":  # y = W[ids]: U's rows of the looked-up ids times V^T
-            return rows.addmm_(u[inputs[0].reshape(-1)], v.T, alpha=eps).view_as(output)
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(output.dtype)
-        if kind == "Linear":  # y = x W^T, W (out, in): (x V) U^T
-            return rows.addmm_(x @ v, u.T, alpha=eps).view_as(output)
-        return rows.addmm_(x @ u, v.T, alpha=eps).view_as(output)  # Conv1D: y = x W, W (in, out)
+        return _add_low_rank(module, inputs, output, u, v, eps)
 
     def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed):
         if weight.ndim != 2:
             return self._dense.update_(weight, key, draws, coeffs, lr, weight_decay, rounding_seed)
-        m, n = weight.shape
+        combined = self.combine(weight.shape, key, draws, coeffs, weight.device)
+        self._apply(weight, key, combined, self.factors(weight.shape, key, draws[0], weight.device)[1], lr,
+                    weight_decay, rounding_seed)
+
+    # -- factored updates: between two draws of V, W_t = W - A_t V^T with A_t (m×r) kept aside --
+
+    def combine(self, shape, key: str, draws: list[Draw], coeffs: list[float], device) -> torch.Tensor:
+        """``sum_j c_j U_j / rank`` (m×r, float32): a step's update is ``lr`` times this times V^T."""
         combined = None
         for draw, coeff in zip(draws, coeffs):
-            u, v = self.factors(weight.shape, key, draw, weight.device)
+            u, _ = self.factors(shape, key, draw, device)
             term = u * (coeff / self.rank)
             combined = term if combined is None else combined.add_(term)
+        return combined
+
+    def epoch(self, step: int) -> int:
+        """Which draw of V a step uses."""
+        return step // self.interval
+
+    def merge_(self, weight, key: str, factor: torch.Tensor, base_seed: int, epoch: int,
+               rounding_seed: int | None) -> None:
+        """``W <- W - factor V^T`` with the V of ``epoch``: a factored update written into W."""
+        v = self._v(weight.shape[1], key, base_seed, epoch, weight.device)
+        self._apply(weight, key, factor, v, 1.0, 0.0, rounding_seed)
+
+    def subtract_factor(self, module, weight, inputs, output, key: str, factor, base_seed: int, epoch: int):
+        """The layer's output under ``W - factor V^T``, from its output under W."""
+        v = self._v(weight.shape[1], key, base_seed, epoch, weight.device)
+        return _add_low_rank(module, inputs, output, factor, v, -1.0)
+
+    def _apply(self, weight, key, combined, v, lr, weight_decay, rounding_seed):
+        m, n = weight.shape
         dtype = kernels.compute_dtype(weight.dtype)
         combined, v = combined.to(dtype), v.to(dtype)
         flat, backend = _flat(weight), kernels.get(weight.device)
@@ -199,6 +216,22 @@ class LowRank(Direction):
                                    rounding_seed)
         if flat.data_ptr() != weight.data_ptr():
             weight.detach().copy_(flat.view_as(weight))
+
+
+def _add_low_rank(module, inputs, output, p, q, alpha):
+    """``output`` (in place) plus the change a weight change ``alpha * P Q^T`` (W is m×n, P m×r,
+    Q n×r) makes to the layer's output: one rank-r GEMM, no m×n matrix."""
+    kind = _layer_kind(module)
+    p, q = p.to(output.dtype), q.to(output.dtype)
+    if output.requires_grad and torch.is_grad_enabled():  # autograd may need the output as it was
+        output = output.clone()
+    rows = output.view(-1, output.shape[-1])
+    if kind == "Embedding":  # y = W[ids]: P's rows of the looked-up ids times Q^T
+        return rows.addmm_(p[inputs[0].reshape(-1)], q.T, alpha=alpha).view_as(output)
+    x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(output.dtype)
+    if kind == "Linear":  # y = x W^T, W (out, in): (x Q) P^T
+        return rows.addmm_(x @ q, p.T, alpha=alpha).view_as(output)
+    return rows.addmm_(x @ p, q.T, alpha=alpha).view_as(output)  # Conv1D: y = x W, W (in, out)
 
 
 def _layer_kind(module) -> str | None:

@@ -10,11 +10,13 @@ import torch
 
 from zotune.core import directions, estimate
 from zotune.core.directions import Draw
+from zotune.core.factored import FactoredUpdates
 from zotune.core.perturb import Perturbation, PerturbedParam, StackedPerturbation
 from zotune.core.rng import derive_seed, rounding_seed
 from zotune.core.trajectory import Trajectory, TrajectoryStep
 
 _HALF = (torch.bfloat16, torch.float16)
+MERGES = ("step", "resample")
 
 
 def decay_groups(named_parameters, weight_decay: float) -> list[dict]:
@@ -70,11 +72,15 @@ class MeZO(torch.optim.Optimizer):
             ``copies`` times along dim 0 (copy-major); ``closure(1)`` is one plain loss.
             With low-rank directions the weights are read once instead of 2n times;
             activation memory grows ``copies``-fold.
+        merge: ``"step"``: every update is written into the weights; ``"resample"``: the
+            updates of low-rank matrices stay an m×r factor applied on the layer's output
+            until V is redrawn (:mod:`zotune.core.factored`). Call :meth:`merge_factors`
+            before reading the weights themselves (saving a model).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_samples: int = 1,
                  estimator: str = "spsa", direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
-                 stacked: bool = False):
+                 stacked: bool = False, merge: str = "step"):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
@@ -85,6 +91,10 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        self.merge = merge
+        self._factored = FactoredUpdates(seed) if merge == "resample" else None
         self.estimator = estimate.get(estimator)
         if n_samples < self.estimator.min_samples:
             raise ValueError(f"estimator {estimator!r} needs n_samples >= {self.estimator.min_samples}")
@@ -98,6 +108,7 @@ class MeZO(torch.optim.Optimizer):
         self._scratch: dict = {}  # perturbed weights' buffers, reused across evaluations
         self._warned_unread = False
         self._deferred: set[int] = set()
+        self._deferred_device = None
         self._receivers: list = []
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
         super().__init__(params, defaults)
@@ -150,6 +161,7 @@ class MeZO(torch.optim.Optimizer):
                 loss = closure()
             outside = self._read_outside[signature] = probe.read_outside
             self._warn_unread(probe, active)
+            self._choose_factored(probe, active)
             if not outside:
                 return loss
         with Perturbation(active, draw, eps, whole=outside, scratch=self._scratch):
@@ -170,6 +182,16 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"with stacked=True the closure must return {len(copies)} losses, one per copy")
         return list(losses.unbind())
 
+    def _choose_factored(self, probe: Perturbation, active) -> None:
+        """Which low-rank matrices keep their updates as factors: those the probe saw perturbed
+        through their layer's output alone, in groups without weight decay."""
+        if self._factored is None or self._factored.keys is not None:
+            return
+        undecayed = {key for group in self.param_groups if group["weight_decay"] == 0
+                     and isinstance(self._direction(group["direction"]), directions.LowRank) for key in group["keys"]}
+        self._factored.keys = {item.key for item in active if item.key in undecayed and item.param.ndim == 2
+                               and id(item.param) in probe.used - probe.substituted - probe.read_outside}
+
     def _warn_unread(self, probe: Perturbation, active) -> None:
         unread = [item.key for item in active if id(item.param) not in probe.used | probe.read_outside]
         if unread and not self._warned_unread:
@@ -178,22 +200,30 @@ class MeZO(torch.optim.Optimizer):
             warnings.warn(f"{len(unread)} of {len(active)} parameters were not read by the loss ({listed}); "
                           "their perturbation had no effect", stacklevel=4)
 
-    def estimate(self, closure) -> float:
+    def estimate(self, closure, unperturbed_loss=None) -> float:
         """Evaluate the closure at the estimator's points and keep the step's coefficients.
 
         The first half of a step, for trainers that compute the loss themselves;
-        :meth:`step` without a closure then applies the update.
+        :meth:`step` without a closure then applies the update. ``unperturbed_loss``: the
+        loss at the current weights when the caller has it already (one-sided estimators
+        then evaluate the perturbed points alone).
         """
         active, skipped = self._active()
         eps = self._eps()
         seeds = [derive_seed(self.seed, self.steps_done, j) for j in range(self.n_samples)]
         plan = [(None if sample is None else Draw(self.seed, self.steps_done, seeds[sample]), sign * eps)
                 for sample, sign in self.estimator.plan(self.n_samples)]
+        known = unperturbed_loss is not None and plan[0][0] is None
+        if unperturbed_loss is not None and not known:
+            raise ValueError(f"the {self.estimator.name} estimator does not evaluate the unperturbed point")
         with torch.no_grad():
             if self.stacked:
-                losses = self._evaluate_stacked(closure, active, plan)
+                losses = self._evaluate_stacked(closure, active, plan[known:])
             else:
-                losses = [self._evaluate(closure, active, draw, scale) for draw, scale in plan]
+                losses = [self._evaluate(closure, active, draw, scale) for draw, scale in plan[known:]]
+        if known:
+            losses = [unperturbed_loss.detach() if isinstance(unperturbed_loss, torch.Tensor) else unperturbed_loss,
+                      *losses]
         values = _to_floats(losses)  # the step's one host synchronisation
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(f"the closure returned a non-finite loss ({values}) at step {self.steps_done}; "
@@ -204,9 +234,9 @@ class MeZO(torch.optim.Optimizer):
 
     # -- update -----------------------------------------------------------
 
-    def step(self, closure=None) -> float | None:
-        """One step: ``estimate(closure)`` (if given) then the update."""
-        loss = self.estimate(closure) if closure is not None else None
+    def step(self, closure=None, unperturbed_loss=None) -> float | None:
+        """One step: ``estimate(closure, unperturbed_loss)`` (if a closure is given) then the update."""
+        loss = self.estimate(closure, unperturbed_loss) if closure is not None else None
         if self._pending is None:
             raise RuntimeError("MeZO.step() needs a closure, or a call to estimate(closure) first")
         record = self._pending
@@ -220,16 +250,20 @@ class MeZO(torch.optim.Optimizer):
         self.steps_done += 1
         return loss
 
-    def defer_updates(self, params, receiver) -> None:
+    def defer_updates(self, params, receiver, device=None) -> None:
         """Leave the updates of ``params`` to ``receiver(optimizer, record)``, called after each
-        step, who applies them later with ``apply_step(record, only=...)`` (block offload)."""
+        step, who applies them later with ``apply_step(record, only=...)`` (block offload) on
+        ``device`` (where their factors live)."""
         self._deferred |= {id(p) for p in params}
+        self._deferred_device = device
         self._receivers.append(receiver)
 
     @torch.no_grad()
-    def apply_step(self, record: TrajectoryStep, only: set[int] | None = None, skip: set[int] = frozenset()) -> None:
+    def apply_step(self, record: TrajectoryStep, only: set[int] | None = None, skip: set[int] = frozenset()) -> set:
         """Apply one recorded update (used by :meth:`step` and :func:`replay`), to the
-        parameters whose ids are in ``only`` (default: all) and not in ``skip``."""
+        parameters whose ids are in ``only`` (default: all) and not in ``skip``. Returns the
+        ids of the parameters whose weights it wrote (a factored update may write none)."""
+        written = set()
         coeffs = record.coefficients()
         draws = [Draw(self.seed, record.step, seed) for seed in record.seeds]
         rounding = rounding_seed(self.seed, record.step) if self.stochastic_rounding else None
@@ -239,9 +273,46 @@ class MeZO(torch.optim.Optimizer):
                 continue
             direction = self._direction(group["direction"])
             for param, key in zip(group["params"], group["keys"]):
-                if key not in skipped and id(param) not in skip and (only is None or id(param) in only):
-                    direction.update_(param, key, draws, coeffs, lr, wd,
-                                      rounding if param.dtype in _HALF else None)
+                if key in skipped or id(param) in skip or (only is not None and id(param) not in only):
+                    continue
+                half_rounding = rounding if param.dtype in _HALF else None
+                if self._factored is not None and self._factored.covers(key):
+                    if wd:
+                        raise ValueError(f"{key}: factored updates (merge='resample') need weight_decay 0")
+                    if self._factored.update(param, key, direction, record.step, draws, coeffs, lr, half_rounding):
+                        written.add(id(param))
+                else:
+                    direction.update_(param, key, draws, coeffs, lr, wd, half_rounding)
+                    written.add(id(param))
+        return written
+
+    @torch.no_grad()
+    def merge_factors(self, only: set[int] | None = None) -> set:
+        """Writes the pending low-rank factors (of ``only``, default all) into the weights; returns the ids written."""
+        if self._factored is None:
+            return set()
+        rounding = (lambda step: rounding_seed(self.seed, step)) if self.stochastic_rounding else None
+        return self._factored.merge(only, rounding)
+
+    @torch.no_grad()
+    def _rebuild_factors(self) -> None:
+        """The factors of a resumed run, re-accumulated from its history (the weights hold every merge)."""
+        self._factored.clear()
+        for g, group in enumerate(self.param_groups):
+            direction = self._direction(group["direction"])
+            for param, key in zip(group["params"], group["keys"]):
+                if not self._factored.covers(key):
+                    continue
+                updates = [r for r in self._history if r.lrs[g] != 0 and key not in r.skipped]
+                if not updates:
+                    continue
+                epoch = direction.epoch(updates[-1].step)
+                device = self._deferred_device if id(param) in self._deferred else None
+                for record in updates:
+                    if direction.epoch(record.step) == epoch:
+                        draws = [Draw(self.seed, record.step, seed) for seed in record.seeds]
+                        self._factored.accumulate(param, key, direction, record.step, draws, record.coefficients(),
+                                                  record.lrs[g], device)
 
     # -- records and resume -----------------------------------------------
 
@@ -253,10 +324,12 @@ class MeZO(torch.optim.Optimizer):
     @property
     def trajectory(self) -> Trajectory:
         """Everything :func:`replay` needs to rebuild the weights."""
+        factored = None if self._factored is None or self._factored.keys is None else sorted(self._factored.keys)
         return Trajectory(keys=[list(g["keys"]) for g in self.param_groups],
                           sizes=[[p.numel() for p in g["params"]] for g in self.param_groups],
                           directions=[dict(g["direction"]) for g in self.param_groups], seed=self.seed,
-                          stochastic_rounding=self.stochastic_rounding, steps=list(self._history))
+                          stochastic_rounding=self.stochastic_rounding, steps=list(self._history),
+                          merge=self.merge, factored=factored)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -281,6 +354,12 @@ class MeZO(torch.optim.Optimizer):
         pending = extra["pending"]
         self._pending = None if pending is None else Trajectory.from_dict(pending).steps[0]
         self._history = recorded.steps
+        if recorded.merge != self.merge:
+            raise ValueError(f"the state dict was saved with merge={recorded.merge!r}, not {self.merge!r}")
+        if self._factored is not None:
+            self._factored.base_seed = self.seed
+            self._factored.keys = None if recorded.factored is None else set(recorded.factored)
+            self._rebuild_factors()
 
 
 def _to_floats(losses) -> list[float]:
@@ -303,7 +382,10 @@ def replay(params, trajectory: Trajectory | dict | str | os.PathLike) -> None:
         trajectory = Trajectory.from_dict(trajectory)
     elif not isinstance(trajectory, Trajectory):
         trajectory = Trajectory.load(trajectory)
-    optimizer = MeZO(params, lr=0.0, seed=trajectory.seed, stochastic_rounding=trajectory.stochastic_rounding)
+    optimizer = MeZO(params, lr=0.0, seed=trajectory.seed, stochastic_rounding=trajectory.stochastic_rounding,
+                     merge=trajectory.merge)
+    if trajectory.factored is not None:
+        optimizer._factored.keys = set(trajectory.factored)
     layout = optimizer.trajectory
     if layout.keys != trajectory.keys or layout.sizes != trajectory.sizes:
         raise ValueError("replay needs the parameters of the recorded run, in the same groups, order and naming "
@@ -312,3 +394,4 @@ def replay(params, trajectory: Trajectory | dict | str | os.PathLike) -> None:
         group["direction"] = optimizer._direction(spec).spec
     for step in trajectory.steps:
         optimizer.apply_step(step)
+    optimizer.merge_factors()

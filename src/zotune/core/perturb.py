@@ -64,6 +64,7 @@ class Perturbation:
         self._deltas: dict[int, list[PerturbedParam]] = {}  # module id -> params perturbed via its output
         self._inside: dict[int, int] = {}  # param id -> owners running now
         self.used: set[int] = set()
+        self.substituted: set[int] = set()  # perturbed by substitution at least once (no output delta)
         self.read_outside: set[int] = set()
         self._handles, self._mode, self._busy = [], None, False
         self._dropout_warned = False
@@ -134,6 +135,7 @@ class Perturbation:
 
     def _substitute(self, module: nn.Module, item: PerturbedParam) -> None:
         pid = id(item.param)
+        self.substituted.add(pid)
         if pid in self._swapped:  # re-entered (a module calling itself): already perturbed
             original, depth = self._swapped[pid]
             self._swapped[pid] = (original, depth + 1)
@@ -186,6 +188,11 @@ class StackedPerturbation(Perturbation):
         self.copies = copies
         self._rerun: dict[int, list[PerturbedParam]] = {}
         self._total: int | None = None  # the repeated batch, learnt from the first batch-major output
+        self._rerunning = False
+
+    def _before_forward(self, module: nn.Module, args):
+        if not self._rerunning:  # a rerun is a plain call: other hooks (factored updates) see it, not this one
+            super()._before_forward(module, args)
 
     def __enter__(self) -> StackedPerturbation:
         self._handles = [register_module_forward_pre_hook(self._before_forward),
@@ -196,9 +203,12 @@ class StackedPerturbation(Perturbation):
         if next(module.children(), None) is not None:
             raise ValueError(f"stacked evaluation cannot perturb {item.key}: its module {type(module).__name__} has "
                              "submodules; evaluate perturbations separately (stacked=False)")
+        self.substituted.add(id(item.param))
         self._rerun.setdefault(id(module), []).append(item)
 
     def _after_stacked(self, module: nn.Module, args, kwargs, output):
+        if self._rerunning:
+            return None
         self._busy = True
         try:
             return self._leave_stacked(module, args, kwargs, output)
@@ -230,8 +240,10 @@ class StackedPerturbation(Perturbation):
                 try:
                     for item, original in zip(rerun, originals):
                         item.param.data = item.direction.perturbed(original, item.key, draw, eps)
-                    piece = module.forward(*part_args, **part_kwargs)
+                    self._rerunning = True
+                    piece = module(*part_args, **part_kwargs)
                 finally:
+                    self._rerunning = False
                     for item, original in zip(rerun, originals):
                         item.param.data = original
             for item in deltas:

@@ -47,6 +47,8 @@ class Trajectory:
     seed: int = 0  # the run's base seed
     stochastic_rounding: bool = False
     steps: list[TrajectoryStep] = field(default_factory=list)
+    merge: str = "step"  # "resample": low-rank updates kept as factors until V is redrawn
+    factored: list[str] | None = None  # the keys of the matrices updated that way
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, **asdict(self)}

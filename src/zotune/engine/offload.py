@@ -14,12 +14,18 @@ Streams are ordered by events alone: nothing inside a step waits on the host. On
 "device" the same code runs with plain copies, which is how CI proves that an
 offloaded run equals an in-memory one bit for bit.
 
+Only a block's matrices are offloaded: its vectors (norms, biases: a few d per block)
+stay on the device, so that updating them needs no write-back.
+
 Zeroth-order updates reach an offloaded block lazily: :class:`zotune.MeZO` hands each
 step's record to :meth:`Offload.receive`, and the update is applied on the device when
 the block is next bound, regenerated from the seeds (so a block crosses the bus once
-per step: up, updated, used, down). :meth:`Offload.flush` applies what is still
-pending and waits for the write-backs: call it before the host reads the weights
-(checkpoints, export).
+per step: up, updated, used, down). With factored low-rank updates
+(``MeZO(merge="resample")``) the update of a matrix is an m×r factor kept on the device
+until V is redrawn: the block is written back only then. :meth:`Offload.flush` applies
+what is still pending and waits for the write-backs: call it before the host reads the
+weights (checkpoints); ``flush(merge=True)`` also writes the factors into the weights
+(export).
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ from torch import nn
 
 
 class _Block:
-    """One offloaded module: its parameters, their host buffers, and where it is now."""
+    """One offloaded module: its matrices, their host buffers, and where it is now."""
 
     def __init__(self, index: int, module: nn.Module, pin: bool):
         self.index, self.module = index, module
-        self.params = [p for p in module.parameters()]
+        self.params = [p for p in module.parameters() if p.ndim >= 2]
         self.ids = {id(p) for p in self.params}
         self.sizes: dict[torch.dtype, int] = {}
         self.offsets: list[tuple[torch.dtype, int]] = []
@@ -70,7 +76,7 @@ class Offload:
     """Streams ``blocks`` (modules of ``model``, in forward order) through ``device``.
 
     Everything of ``model`` outside the blocks (embeddings, head, the first-order blocks
-    of HZO) moves to ``device`` for good; the blocks' buffers too (they are small).
+    of HZO) moves to ``device`` for good; the blocks' buffers and vectors too (they are small).
 
     Args:
         model: the model; its parameters may start anywhere.
@@ -84,7 +90,7 @@ class Offload:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
-        offloaded = {id(p) for block in blocks for p in block.parameters()}
+        offloaded = {id(p) for block in blocks for p in block.parameters() if p.ndim >= 2}
         inside = {id(m) for block in blocks for m in block.modules()}
         shared = [name for name, m in model.named_modules() if id(m) not in inside
                   for leaf, p in m._parameters.items() if p is not None and id(p) in offloaded]
@@ -187,7 +193,7 @@ class Offload:
 
     def attach(self, optimizer) -> None:
         """Let ``optimizer`` (a :class:`zotune.MeZO`) hand over the updates of the offloaded parameters."""
-        optimizer.defer_updates([p for block in self.blocks for p in block.params], self.receive)
+        optimizer.defer_updates([p for block in self.blocks for p in block.params], self.receive, self.device)
         self._optimizers.append(optimizer)
 
     def receive(self, optimizer, record) -> None:
@@ -196,20 +202,23 @@ class Offload:
 
     def _apply_pending(self, block: _Block) -> None:
         for optimizer, record in block.pending:
-            optimizer.apply_step(record, only=block.ids)
-            block.dirty = True
+            if optimizer.apply_step(record, only=block.ids):
+                block.dirty = True
         block.pending.clear()
 
-    def flush(self) -> None:
-        """Applies every pending update, writes the blocks back and drops prefetched copies:
-        afterwards the host buffers hold the weights and the host may read or write them."""
+    def flush(self, merge: bool = False) -> None:
+        """Applies every pending update (with ``merge``, also the factored low-rank updates),
+        writes the blocks back and drops prefetched copies: afterwards the host buffers hold
+        the weights and the host may read or write them."""
         for block in self.blocks:
-            if block.pending:
+            if block.pending or merge:
                 if not self._upload(block):
                     raise RuntimeError("offload: no free slot to flush a block")
                 self._wait(block.uploaded)
                 block.bind(block.slot.flats)
                 self._apply_pending(block)
+                if merge and any(optimizer.merge_factors(only=block.ids) for optimizer in self._optimizers):
+                    block.dirty = True
             if block.slot is not None:
                 self._release(block)
         if self.gpu:

@@ -23,21 +23,26 @@ from safetensors.torch import load_file, save_file
 import zotune
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
-from zotune.methods.mezo import OffloadOptions, ZOConfig, offload_blocks, projected_grad, zo_options
+from zotune.methods.mezo import OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad, zo_options
 from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
 
 FO_EVERY = ("step", "resample")
-ORDERS = ("zo-first", "fo-first")
+ORDERS = ("zo-first", "fo-first", "joint")
+HEADS = ("auto", "fo", "zo")
 
 
-def split_parameters(model, deep_blocks: int, blocks: str = "auto"):
+def split_parameters(model, deep_blocks: int, blocks: str = "auto", head: str = "fo"):
     """(shallow, deep) lists of (name, parameter), the shallow blocks (modules) and the module where autograd starts."""
     layout = find_blocks(model, blocks)
     n = len(layout.blocks)
     if not 0 <= deep_blocks <= n:
         raise UserError(f"--deep-blocks {deep_blocks}: the model has {n} blocks; choose 0 to {n}")
+    if head == "auto":  # a head tied to the input embedding is shared with the zeroth-order part
+        head = "zo" if layout.shared(model) and deep_blocks else "fo"
+    if head == "zo" and deep_blocks == 0:
+        raise UserError("--head zo with --deep-blocks 0 leaves nothing to first order: set --deep-blocks 1 or more")
     sections = layout.section_of(model)
-    deep_sections = {f"block:{i}" for i in range(n - deep_blocks, n)} | {"head"}
+    deep_sections = {f"block:{i}" for i in range(n - deep_blocks, n)} | ({"head"} if head == "fo" else set())
     shallow, deep = [], []
     for name, param in model.named_parameters():
         (deep if sections[name] in deep_sections else shallow).append((name, param))
@@ -71,12 +76,19 @@ class HZO:
         eps, n_samples, estimator, stochastic_rounding: as in :class:`zotune.MeZO`.
         rank, interval, orthonormal: the shallow part's :class:`zotune.LowRank` directions.
         fo_every: ``"step"``, or ``"resample"``: only on the steps where V is resampled (the paper).
-        order: ``"zo-first"`` or ``"fo-first"`` within a step that has both.
+        order: ``"zo-first"`` or ``"fo-first"`` within a step that has both; or ``"joint"``:
+            both phases at the same weights, the first-order forward (in eval mode) giving the
+            unperturbed loss of a one-sided estimator, so that a step costs two forwards.
+        head: ``"fo"``: the final norm and head train by first order (a head tied to the
+            input embedding gets the head's gradient only); ``"zo"``: by the zeroth-order
+            part (no AdamW state for a large vocabulary); ``"auto"``: ``"zo"`` for a head
+            tied to the input embedding (with ``deep_blocks`` >= 1), else ``"fo"``.
         weight_decay: decay of the matrices of both parts (not biases or norms).
         max_grad_norm: clipping of the deep part's gradient (None: no clipping).
         blocks: ``"auto"`` or the dotted path of the model's ``nn.ModuleList`` of blocks.
         direction: overrides the low-rank direction (a :class:`zotune.Direction` or a name).
-        stacked: evaluate the zeroth-order points in one forward (see :class:`zotune.MeZO`).
+        stacked, merge: as in :class:`zotune.MeZO` (``merge="resample"``: call ``zo.merge_factors()``
+            before saving the weights).
 
     ``shallow_blocks`` lists the zeroth-order blocks (modules), e.g. for
     :class:`zotune.engine.offload.Offload`, attached to the zeroth-order optimizer ``zo``.
@@ -90,14 +102,19 @@ class HZO:
                  rank: int = 2, interval: int = 50, orthonormal: bool = False, fo_every: str = "step",
                  order: str = "zo-first", weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  n_samples: int = 1, estimator: str = "spsa", seed: int = 0, stochastic_rounding: bool = True,
-                 blocks: str = "auto", direction=None, stacked: bool = False):
+                 blocks: str = "auto", direction=None, stacked: bool = False, head: str = "auto",
+                 merge: str = "step"):
         if fo_every not in FO_EVERY:
             raise ValueError(f"fo_every must be one of {FO_EVERY}, got {fo_every!r}")
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if order == "joint" and estimator not in ("one-sided", "fzoo"):
+            raise ValueError("order 'joint' shares the unperturbed forward: use the one-sided or fzoo estimator")
         self.model, self.fo_every, self.order, self.max_grad_norm = model, fo_every, order, max_grad_norm
         self.interval = interval
-        shallow, deep, self.shallow_blocks, self.boundary = split_parameters(model, deep_blocks, blocks)
+        shallow, deep, self.shallow_blocks, self.boundary = split_parameters(model, deep_blocks, blocks, head)
         if not shallow:
             raise UserError("HZO needs at least one zeroth-order parameter: lower --deep-blocks")
         self.shallow = [p for _, p in shallow]
@@ -107,7 +124,7 @@ class HZO:
         direction = direction or zotune.LowRank(rank=rank, interval=interval, orthonormal=orthonormal)
         self.zo = zotune.MeZO(zotune.decay_groups(shallow, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
                               estimator=estimator, direction=direction, seed=seed,
-                              stochastic_rounding=stochastic_rounding, stacked=stacked)
+                              stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
         self.fo = torch.optim.AdamW(zotune.decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
         self.fo_steps = 0
         self.last_fo_loss: float | None = None
@@ -118,29 +135,47 @@ class HZO:
 
     def step(self, closure) -> float:
         fo_now = self.fo_due()
+        if fo_now and self.order == "joint":
+            unperturbed = self._gradients(closure, train=False)  # the same forward serves both phases
+            loss = self.zo.step(closure, unperturbed_loss=unperturbed)
+            self._apply_gradients(unperturbed)
+            return loss
         if fo_now and self.order == "fo-first":
-            self._first_order(closure)
+            self._apply_gradients(self._gradients(closure))
         self.model.eval()  # dropout would make the perturbed losses differ
         loss = self.zo.step(closure)
         if fo_now and self.order == "zo-first":
-            self._first_order(closure)
+            self._apply_gradients(self._gradients(closure))
         return loss
 
     def _first_order(self, closure) -> None:
-        self.model.train()
+        self._apply_gradients(self._gradients(closure))
+
+    def _gradients(self, closure, train: bool = True) -> torch.Tensor:
+        """The loss, with the deep part's gradients; the shallow part runs without autograd."""
+        self.model.train(train)
         self.fo.zero_grad(set_to_none=True)
-        with autograd_from(self.boundary):
-            loss = closure()
-        if not loss.requires_grad:
-            raise RuntimeError("the first-order loss does not depend on the deep blocks: check --blocks")
-        loss.backward()
+        for param in self.shallow:  # constants here: a zeroth-order head passes gradients on, keeps none
+            param.requires_grad_(False)
+        try:
+            with autograd_from(self.boundary):
+                loss = closure()
+            if not loss.requires_grad:
+                raise RuntimeError("the first-order loss does not depend on the deep blocks: check --blocks")
+            loss.backward()
+        finally:
+            for param in self.shallow:
+                param.requires_grad_(True)
+            self.model.eval()
+        return loss.detach()
+
+    def _apply_gradients(self, loss: torch.Tensor) -> None:
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.deep, self.max_grad_norm)
         self.fo.step()
         self.fo.zero_grad(set_to_none=True)  # nothing held through the next zeroth-order phase
-        self.model.eval()
         self.fo_steps += 1
-        self.last_fo_loss = float(loss.detach())
+        self.last_fo_loss = float(loss)
         if not math.isfinite(self.last_fo_loss):
             raise FloatingPointError(f"the first-order loss is {self.last_fo_loss} at step {self.zo.steps_done}; "
                                      "lower lr")
@@ -179,7 +214,15 @@ class HZOConfig(ZOConfig, OffloadOptions):
                               "order")
     fo_every: str = option("step", "when the first-order phase runs: every step, or on the steps V is resampled "
                            "(resample, as in the paper)", choices=FO_EVERY)
-    order: str = option("zo-first", "within a step: zeroth-order phase first, or first-order first", choices=ORDERS)
+    order: str = option("zo-first", "within a step: zeroth-order phase first, first-order first, or joint (both at "
+                        "the same weights, sharing the unperturbed forward; needs --estimator one-sided)",
+                        choices=ORDERS)
+    merge: str = option("resample", "lowrank: write every update into the weights (step), or keep a matrix's "
+                        "updates as an m×r factor applied on its layer's output until V is redrawn (resample: no "
+                        "weight writes, so no offload write-back, in between)", choices=("step", "resample"))
+    head: str = option("auto", "the final norm and head train by first order (fo) or zeroth order (zo: no AdamW "
+                       "state for a large vocabulary); auto: zo when the head is tied to the input embedding",
+                       choices=HEADS)
     max_grad_norm: float = option(1.0, "clipping of the first-order part's gradient norm")
 
     def __post_init__(self):
@@ -205,7 +248,7 @@ class HZOMethod(Method):
             self.optimizer = HZO(model, deep_blocks=config.deep_blocks, lr_fo=config.lr, lr_zo=config.lr_zo,
                                  interval=config.resample_every, fo_every=config.fo_every, order=config.order,
                                  weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
-                                 blocks=config.blocks, **options)
+                                 blocks=config.blocks, head=config.head, **options)
         self.engine = offload_blocks(model, self.optimizer.shallow_blocks, self.optimizer.zo, config)
 
     def step(self, loss_fn) -> dict:
@@ -224,6 +267,7 @@ class HZOMethod(Method):
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters()}
 
     def export(self, folder, model, tokenizer) -> None:
+        merge_factors(self.engine, self.optimizer.zo)
         self.optimizer.trajectory.save(folder / "trajectory.json")
         deep = {id(p) for p in self.optimizer.deep}
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in deep},
@@ -232,7 +276,7 @@ class HZOMethod(Method):
 
     @classmethod
     def replay(cls, model, config: HZOConfig, trajectory):
-        shallow = split_parameters(model, config.deep_blocks, config.blocks)[0]
+        shallow = split_parameters(model, config.deep_blocks, config.blocks, config.head)[0]
         for _, param in shallow:
             param.requires_grad_(True)
         zotune.replay(zotune.decay_groups(shallow, config.weight_decay), trajectory)

@@ -37,7 +37,7 @@ class LMAO:
         weight_decay: ZO weight decay λ on base matrices (biases and norms get none).
         lora_weight_decay: AdamW weight decay of the adapters.
         max_grad_norm: clipping of the adapters' gradient (None: no clipping).
-        n_samples, seed, direction, estimator, stochastic_rounding, stacked: as in :class:`zotune.MeZO`.
+        n_samples, seed, direction, estimator, stochastic_rounding, stacked, merge: as in :class:`zotune.MeZO`.
 
     ``step(closure)``: the closure returns the minibatch loss; it is called once with
     autograd on and the model in train mode (the FO phase), then by the ZO phase under
@@ -48,7 +48,7 @@ class LMAO:
     def __init__(self, model, lr_lora: float = 1e-5, lr_base: float = 1e-6, eps: float = 1e-3,
                  weight_decay: float = 0.0, lora_weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  n_samples: int = 1, seed: int = 0, direction="gaussian", estimator: str = "spsa",
-                 stochastic_rounding: bool = True, stacked: bool = False):
+                 stochastic_rounding: bool = True, stacked: bool = False, merge: str = "step"):
         self.model = model
         named = list(model.named_parameters())
         adapters = [(n, p) for n, p in named if is_adapter(n)]
@@ -66,7 +66,7 @@ class LMAO:
             p.requires_grad_(True)
         self.zo = zotune.MeZO(zotune.decay_groups(base, weight_decay), lr=lr_base, eps=eps, n_samples=n_samples,
                               seed=seed, direction=direction, estimator=estimator,
-                              stochastic_rounding=stochastic_rounding, stacked=stacked)
+                              stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
         self._train_only(self.adapters)
 
     def _train_only(self, trainable):
@@ -168,6 +168,7 @@ class LMAOMethod(Method):
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters()}
 
     def export(self, folder, model, tokenizer) -> None:
+        self.optimizer.zo.merge_factors()
         model.save_pretrained(folder / "adapter")
         self.optimizer.trajectory.save(folder / "trajectory.json")
         save_model(folder / "model", model.merge_and_unload(), tokenizer)

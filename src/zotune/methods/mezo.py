@@ -35,6 +35,9 @@ class ZOConfig(MethodConfig):
                                        "to nearest")
     stacked: bool = option(False, "evaluate a step's perturbed points in one forward over the batch repeated "
                            "(activation memory grows with the copies; always on with --offload)")
+    merge: str = option("step", "lowrank: write every update into the weights (step), or keep a matrix's updates "
+                        "as an m×r factor applied on its layer's output until V is redrawn (resample: no weight "
+                        "writes, so no offload write-back, in between)", choices=("step", "resample"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,7 +51,14 @@ def zo_options(config: ZOConfig) -> dict:
         direction = zotune.LowRank(rank=config.rank, interval=config.resample_every)
     stacked = config.stacked or getattr(config, "offload", "none") != "none"
     return dict(eps=config.eps, n_samples=config.n_samples, direction=direction, estimator=config.estimator,
-                stochastic_rounding=config.stochastic_rounding, stacked=stacked)
+                stochastic_rounding=config.stochastic_rounding, stacked=stacked, merge=config.merge)
+
+
+def merge_factors(engine, optimizer) -> None:
+    """Writes factored low-rank updates into the weights (before export): the offloaded ones on the device."""
+    if engine is not None:
+        engine.flush(merge=True)
+    optimizer.merge_factors()
 
 
 @dataclass
@@ -110,6 +120,7 @@ class MeZOMethod(Method):
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     def export(self, folder, model, tokenizer) -> None:
+        merge_factors(self.engine, self.optimizer)
         self.optimizer.trajectory.save(folder / "trajectory.json")
         save_model(folder / "model", model, tokenizer)
 

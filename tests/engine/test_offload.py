@@ -108,3 +108,31 @@ def test_tied_weights_cannot_be_offloaded():
     model = tiny_model("gpt2")  # lm_head is wte
     with pytest.raises(ValueError, match="outside the blocks"):
         Offload(model, [model.transformer.wte], "cpu")
+
+
+def test_embeddings_and_head_can_stream_too():
+    from zotune.methods import MeZOConfig, MeZOMethod
+
+    runs = []
+    for options in ({}, {"offload": "cpu", "offload_embeddings": True, "offload_head": True}):
+        model = tiny_model("llama")  # untied head
+        method = MeZOMethod(model, MeZOConfig(lr=1e-2, stacked=True, **options), seed=1, steps=3)
+        closure = stacked_closure(model)
+        for _ in range(3):
+            method.step(closure)
+        method.flush()
+        if options:
+            streamed = [block.module for block in method.engine.blocks]
+            assert streamed == [model.model.embed_tokens, *model.model.layers, model.lm_head]
+        runs.append(snapshot(model))
+    assert_same(*runs)
+
+
+def test_what_must_stay_on_the_device_is_a_user_error():
+    from zotune.errors import UserError
+    from zotune.methods import HZOConfig, HZOMethod, MeZOConfig, MeZOMethod
+
+    with pytest.raises(UserError, match="tied to the input embedding"):
+        MeZOMethod(tiny_model("gpt2"), MeZOConfig(offload="cpu", offload_embeddings=True))
+    with pytest.raises(UserError, match="first order"):
+        HZOMethod(tiny_model("llama"), HZOConfig(offload="cpu", offload_head=True, head="fo"))

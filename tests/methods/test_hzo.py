@@ -130,3 +130,23 @@ def test_forwards_per_step(order, estimator, calls):
     assert len(count) == calls and hzo.fo_steps == 1
     with pytest.raises(ValueError, match="one-sided"):
         zotune.HZO(model, order="joint")
+
+
+def test_joint_stacked_is_one_forward_per_step_and_matches_joint_separate():
+    from ..engine.test_offload import stacked_closure
+
+    results = {}
+    for stacked in (False, True):
+        model = tiny_model("llama")
+        hzo = zotune.HZO(model, lr_fo=1e-2, lr_zo=1e-2, order="joint", estimator="one-sided", stacked=stacked,
+                         seed=3)
+        closure, count = stacked_closure(model), []
+        counted = lambda copies=None: (count.append(copies), closure(copies))[1]
+        losses = [hzo.step(counted if stacked else (lambda: counted(None))) for _ in range(3)]
+        results[stacked] = losses, snapshot(model)
+        if stacked:  # the first step also probes for parameters read outside their modules
+            assert count == [1, 2, 2, 2] and hzo.fo_steps == 3
+    (separate, a), (stacked, b) = results[False], results[True]
+    assert stacked == pytest.approx(separate, rel=1e-4)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)

@@ -57,6 +57,7 @@ class _Block:
         self.uploaded = self.written_back = None  # events; None: nothing in flight
         self.pending: list = []
         self.dirty = False
+        self.depth = 0  # calls of the module in progress: a stacked evaluation re-runs leaf modules
 
     def _views(self, flats: dict):
         return [flats[dtype][offset : offset + p.numel()] for (dtype, offset), p in zip(self.offsets, self.params)]
@@ -90,7 +91,10 @@ class Offload:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.device = torch.device(device)
         self.gpu = self.device.type == "cuda"
-        offloaded = {id(p) for block in blocks for p in block.parameters() if p.ndim >= 2}
+        owned = [id(p) for block in blocks for p in block.parameters() if p.ndim >= 2]
+        offloaded = set(owned)
+        if len(owned) != len(offloaded):
+            raise ValueError("a parameter belongs to two of the offloaded modules (tied weights)")
         inside = {id(m) for block in blocks for m in block.modules()}
         shared = [name for name, m in model.named_modules() if id(m) not in inside
                   for leaf, p in m._parameters.items() if p is not None and id(p) in offloaded]
@@ -155,6 +159,9 @@ class Offload:
 
     def _hook_before(self, block: _Block):
         def before(module, args):
+            block.depth += 1
+            if block.depth > 1:  # already bound
+                return
             if not self._upload(block):
                 raise RuntimeError("offload: no free slot for a block; is a block running inside another?")
             self._wait(block.uploaded)
@@ -167,6 +174,9 @@ class Offload:
 
     def _hook_after(self, block: _Block):
         def after(module, args, output):
+            block.depth -= 1
+            if block.depth:
+                return
             self._release(block)
             if block.index == len(self.blocks) - 1:
                 self._upload(self.blocks[0])  # the next pass (step) starts with block 0
@@ -174,6 +184,8 @@ class Offload:
 
     def _release(self, block: _Block) -> None:
         slot = block.slot
+        if slot is None:  # its forward failed before it was bound
+            return
         if block.dirty:
             done = self._record()
             stream = self.write_stream if self.gpu else None

@@ -136,10 +136,7 @@ class HZO:
     def step(self, closure) -> float:
         fo_now = self.fo_due()
         if fo_now and self.order == "joint":
-            unperturbed = self._gradients(closure, train=False)  # the same forward serves both phases
-            loss = self.zo.step(closure, unperturbed_loss=unperturbed)
-            self._apply_gradients(unperturbed)
-            return loss
+            return self._joint(closure)
         if fo_now and self.order == "fo-first":
             self._apply_gradients(self._gradients(closure))
         self.model.eval()  # dropout would make the perturbed losses differ
@@ -148,26 +145,51 @@ class HZO:
             self._apply_gradients(self._gradients(closure))
         return loss
 
+    def _joint(self, closure) -> float:
+        """Both phases at the same weights: the unperturbed forward gives the first-order
+        gradients and the one-sided estimator's reference loss."""
+        if not self.zo.stacked:
+            unperturbed = self._gradients(closure, train=False)
+            loss = self.zo.step(closure, unperturbed_loss=unperturbed)
+            self._apply_gradients(unperturbed)
+            return loss
+        # Stacked: one forward over [unperturbed, perturbed...] copies, autograd from the first
+        # deep block on; the backward starts from the unperturbed copy's loss alone.
+        returned = []
+
+        def keep(copies=None):
+            returned.append(closure(copies))
+            return returned[-1]
+
+        self.model.eval()
+        with autograd_from(self.boundary):
+            loss = self.zo.estimate(keep)
+        unperturbed = returned[-1][0]
+        self._backward(unperturbed)
+        self.zo.step()
+        self._apply_gradients(unperturbed.detach())
+        return loss
+
     def _first_order(self, closure) -> None:
         self._apply_gradients(self._gradients(closure))
 
     def _gradients(self, closure, train: bool = True) -> torch.Tensor:
         """The loss, with the deep part's gradients; the shallow part runs without autograd."""
         self.model.train(train)
-        self.fo.zero_grad(set_to_none=True)
-        for param in self.shallow:  # constants here: a zeroth-order head passes gradients on, keeps none
-            param.requires_grad_(False)
         try:
             with autograd_from(self.boundary):
                 loss = closure()
-            if not loss.requires_grad:
-                raise RuntimeError("the first-order loss does not depend on the deep blocks: check --blocks")
-            loss.backward()
+            self._backward(loss)
         finally:
-            for param in self.shallow:
-                param.requires_grad_(True)
             self.model.eval()
         return loss.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # Gradients of the deep part alone: a zeroth-order head on the way passes them on, keeps none.
+        if not loss.requires_grad:
+            raise RuntimeError("the first-order loss does not depend on the deep blocks: check --blocks")
+        for param, grad in zip(self.deep, torch.autograd.grad(loss, self.deep, allow_unused=True)):
+            param.grad = grad
 
     def _apply_gradients(self, loss: torch.Tensor) -> None:
         if self.max_grad_norm is not None:

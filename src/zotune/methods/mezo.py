@@ -13,6 +13,7 @@ import torch
 
 import zotune
 from zotune.engine.blocks import find_blocks
+from zotune.errors import UserError
 from zotune.engine.offload import Offload
 from zotune.methods.registry import (Method, MethodConfig, check_positive, option, save_model,
                                      settings_errors)
@@ -69,16 +70,34 @@ class OffloadOptions:
                           "through the device one by one", choices=("none", "cpu"))
     blocks: str = option("auto", "dotted path of the model's nn.ModuleList of transformer blocks (auto: known "
                          "families)")
+    offload_embeddings: bool = option(False, "with --offload: stream the input embeddings too (default: they stay "
+                                      "on the device)")
+    offload_head: bool = option(False, "with --offload: stream the output head too, when it trains by zeroth order "
+                                "(default: it stays on the device)")
 
 
 def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def offload_blocks(model, modules, optimizer, config) -> Offload | None:
-    """The offload engine of ``modules`` when the config asks for one, attached to ``optimizer``."""
+def offload_blocks(model, blocks, optimizer, config) -> Offload | None:
+    """The offload engine of ``blocks`` (and of the embeddings and head if the config says
+    so) when the config asks for one, attached to ``optimizer``, whose updates it defers."""
     if config.offload == "none":
         return None
+    layout = find_blocks(model, config.blocks)
+    modules = list(blocks)
+    for wanted, flag, part in ((config.offload_embeddings, "--offload-embeddings", layout.embeddings),
+                               (config.offload_head, "--offload-head", layout.head)):
+        if not wanted:
+            continue
+        if layout.shared(model):
+            raise UserError(f"{flag}: the head is tied to the input embedding, which must stay on the device")
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(id(p) not in trained for _, module in part for p in module.parameters() if p.ndim >= 2):
+            raise UserError(f"{flag}: these weights train by first order here, so they stay on the device")
+        streamed = [module for _, module in part if any(p.ndim >= 2 for p in module.parameters())]
+        modules = streamed + modules if part is layout.embeddings else modules + streamed
     engine = Offload(model, modules, compute_device())
     engine.attach(optimizer)
     return engine

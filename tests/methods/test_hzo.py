@@ -140,10 +140,13 @@ def test_joint_stacked_is_one_forward_per_step_and_matches_joint_separate():
         model = tiny_model("llama")
         hzo = zotune.HZO(model, lr_fo=1e-2, lr_zo=1e-2, order="joint", estimator="one-sided", stacked=stacked,
                          seed=3)
-        closure, count = stacked_closure(model), []
+        closure, count, graph = stacked_closure(model), [], []
+        model.model.layers[0].register_forward_hook(lambda m, a, out: graph.append(out[0].requires_grad
+                                                    if isinstance(out, tuple) else out.requires_grad))
         counted = lambda copies=None: (count.append(copies), closure(copies))[1]
         losses = [hzo.step(counted if stacked else (lambda: counted(None))) for _ in range(3)]
         results[stacked] = losses, snapshot(model)
+        assert graph and not any(graph)  # no forward builds a graph through a shallow block
         if stacked:  # the first step also probes for parameters read outside their modules
             assert count == [1, 2, 2, 2] and hzo.fo_steps == 3
     (separate, a), (stacked, b) = results[False], results[True]

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 import zotune
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
-from zotune.methods.mezo import OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad, zo_options
+from zotune.methods.hybrid import Hybrid
+from zotune.methods.mezo import ESTIMATORS, OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad, zo_options
 from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
 
 FO_EVERY = ("step", "resample")
@@ -51,20 +52,25 @@ def split_parameters(model, deep_blocks: int, blocks: str = "auto", head: str = 
 
 
 @contextmanager
-def autograd_from(module: torch.nn.Module):
-    """No autograd until ``module`` starts its forward, then autograd for the rest of the context."""
-    def enable(module, args):
+def autograd_from(model: torch.nn.Module, module: torch.nn.Module):
+    """Every forward of ``model`` in the context runs without autograd until ``module``
+    starts, and with autograd from there on (through the loss computed after the model)."""
+    def disable(*_):
+        torch.set_grad_enabled(False)
+
+    def enable(*_):
         torch.set_grad_enabled(True)
 
-    handle = module.register_forward_pre_hook(enable)
+    handles = [model.register_forward_pre_hook(disable), module.register_forward_pre_hook(enable)]
     try:
         with torch.no_grad():
             yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-class HZO:
+class HZO(Hybrid):
     """The two optimizers of HZO behind one ``step(closure)`` / ``state_dict`` surface.
 
     Args:
@@ -162,7 +168,7 @@ class HZO:
             return returned[-1]
 
         self.model.eval()
-        with autograd_from(self.boundary):
+        with autograd_from(self.model, self.boundary):
             loss = self.zo.estimate(keep)
         unperturbed = returned[-1][0]
         self._backward(unperturbed)
@@ -177,7 +183,7 @@ class HZO:
         """The loss, with the deep part's gradients; the shallow part runs without autograd."""
         self.model.train(train)
         try:
-            with autograd_from(self.boundary):
+            with autograd_from(self.model, self.boundary):
                 loss = closure()
             self._backward(loss)
         finally:
@@ -202,19 +208,6 @@ class HZO:
             raise FloatingPointError(f"the first-order loss is {self.last_fo_loss} at step {self.zo.steps_done}; "
                                      "lower lr")
 
-    @property
-    def steps_done(self) -> int:
-        return self.zo.steps_done
-
-    @property
-    def trajectory(self):
-        """The zeroth-order part's trajectory: it rebuilds the shallow part from the initial weights."""
-        return self.zo.trajectory
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return (self.fo.param_groups if self.fo else []) + self.zo.param_groups
-
     def state_dict(self) -> dict:
         return {"fo": self.fo.state_dict() if self.fo else None, "zo": self.zo.state_dict(),
                 "fo_steps": self.fo_steps}
@@ -236,9 +229,13 @@ class HZOConfig(ZOConfig, OffloadOptions):
                               "order")
     fo_every: str = option("step", "when the first-order phase runs: every step, or on the steps V is resampled "
                            "(resample, as in the paper)", choices=FO_EVERY)
-    order: str = option("zo-first", "within a step: zeroth-order phase first, first-order first, or joint (both at "
-                        "the same weights, sharing the unperturbed forward; needs --estimator one-sided)",
+    order: str = option("joint", "within a step: zeroth-order phase first, first-order first, or joint (both at "
+                        "the same weights, sharing the unperturbed forward; needs --estimator one-sided or fzoo)",
                         choices=ORDERS)
+    estimator: str = option("one-sided", "gradient estimator: spsa (two-sided), one-sided or fzoo",
+                            choices=ESTIMATORS)
+    stacked: bool = option(True, "evaluate a step's points in one forward over the batch repeated (joint order: "
+                           "the unperturbed and the perturbed copy)")
     merge: str = option("resample", "lowrank: write every update into the weights (step), or keep a matrix's "
                         "updates as an m×r factor applied on its layer's output until V is redrawn (resample: no "
                         "weight writes, so no offload write-back, in between)", choices=("step", "resample"))

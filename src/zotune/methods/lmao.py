@@ -16,6 +16,7 @@ import torch
 
 import zotune
 from zotune.methods.first_order import LoRAConfig
+from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import ZOConfig, projected_grad, zo_options
 from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
 
@@ -25,7 +26,7 @@ def is_adapter(name: str) -> bool:
     return "lora_" in name
 
 
-class LMAO:
+class LMAO(Hybrid):
     """The two optimizers of LMAO behind one ``step(closure)`` / ``state_dict`` surface.
 
     Args:
@@ -97,26 +98,6 @@ class LMAO:
         finally:
             self._train_only(self.adapters)
         return value
-
-    @property
-    def steps_done(self) -> int:
-        return self.zo.steps_done
-
-    @property
-    def trajectory(self):
-        """The ZO phase's trajectory: it rebuilds the base weights from the initial ones."""
-        return self.zo.trajectory
-
-    @property
-    def last_step(self):
-        return self.zo.last_step
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.fo.param_groups + self.zo.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.fo.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
         return {"fo": self.fo.state_dict(), "zo": self.zo.state_dict()}

@@ -117,7 +117,8 @@ class HZO(Hybrid):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if order == "joint" and estimator not in ("one-sided", "fzoo"):
-            raise ValueError("order 'joint' shares the unperturbed forward: use the one-sided or fzoo estimator")
+            raise ValueError("order 'joint' (--order joint) shares the unperturbed forward: use the one-sided or "
+                             "fzoo estimator (--estimator one-sided), or another order")
         self.model, self.fo_every, self.order, self.max_grad_norm = model, fo_every, order, max_grad_norm
         self.interval = interval
         shallow, deep, self.shallow_blocks, self.boundary = split_parameters(model, deep_blocks, blocks, head)

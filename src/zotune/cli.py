@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as error:
         print(f"zotune: {error}", file=sys.stderr)
-        return 130
+        return 128 + error.signal  # 130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1: the shell's convention
     except KeyboardInterrupt:
         print("zotune: interrupted", file=sys.stderr)
         return 130

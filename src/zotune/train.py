@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from zotune import methods, models, tasks
+from zotune.checkpoint import load_state, save_state
 from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.errors import UserError
 from zotune.scoring import Scorer, evaluate
@@ -32,7 +33,28 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "progress", "output")
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training: a resumable checkpoint was written."""
+    """Ctrl-C, SIGTERM or SIGUSR1 during training: a resumable checkpoint was written.
+    ``signal`` is the signal's number (the CLI exits with 128 + it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal = int(signum)
+
+
+# What a scheduler sends before it preempts a job (SLURM: --signal=USR1@120, then TERM).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def _load_method_state(folder: Path) -> dict:
+    if (folder / "state.json").is_file():
+        return load_state(folder, "state")
+    # Written by zotune before 0.2: read without unpickling code (tensors, numbers, containers only).
+    try:
+        return torch.load(folder / "state.pt", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any refusal or corruption: one line for the user
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{folder / 'state.pt'} cannot be read safely ({reason[:200]}); restart the run with "
+                        "--overwrite") from None
 
 
 def prepare_output(config: TrainConfig, overwrite: bool) -> Path:
@@ -106,7 +128,7 @@ class Run:
         partial.mkdir()
         self.method.flush()
         save_file(self.method.checkpoint_tensors(), partial / "weights.safetensors")
-        torch.save({"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()}, partial / "state.pt")
+        save_state(partial, "state", {"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()})
         (partial / "progress.json").write_text(json.dumps(self.state))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -122,7 +144,7 @@ class Run:
             for name, param in self.model.named_parameters():
                 if name in weights:
                     param.copy_(weights[name])
-        saved = torch.load(folder / "state.pt", weights_only=False)
+        saved = _load_method_state(folder)
         self.method.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["rng"])  # inside the run's forked RNG: dropout resumes where it was
         self.state = json.loads((folder / "progress.json").read_text())
@@ -159,17 +181,18 @@ class Run:
             if config.zero_shot:
                 self.state["zero_shot"] = self.evaluate(self.split.test, "zero-shot test")["accuracy"]
                 self.log({"step": 0, "test_accuracy": self.state["zero_shot"]})
-        previous = signal.signal(signal.SIGINT, self._request_stop)
+        previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
         try:
             self._loop()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         return self.finish()
 
     def _request_stop(self, signum, frame):
-        if self._stop:  # a second Ctrl-C: the user wants out now
+        if self._stop:  # a second signal: the user (or the scheduler) wants out now
             raise KeyboardInterrupt
-        self._stop = True
+        self._stop = signum
 
     def _loop(self):
         config = self.config
@@ -196,7 +219,10 @@ class Run:
                 if self._stop or (config.save_every and step % config.save_every == 0):
                     self.save_checkpoint()
                 if self._stop:
-                    raise Interrupted(f"interrupted at step {step}; continue with: zotune train --resume {self.out}")
+                    signum = signal.SIGINT if self._stop is True else self._stop
+                    name = signal.Signals(signum).name
+                    raise Interrupted(f"stopped by {name} at step {step}, checkpoint saved; continue with: "
+                                      f"zotune train --resume {self.out}", signum)
 
     def evaluate(self, examples, desc) -> dict:
         return evaluate(self.scorer, self.task, examples, self.config.eval_batch_size, desc, self.config.progress)

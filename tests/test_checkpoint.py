@@ -1,0 +1,78 @@
+import os
+import pickle
+import signal
+
+import pytest
+import torch
+
+from zotune import cli
+from zotune.checkpoint import load_state, save_state
+from zotune.train import Run, train
+
+from .test_train import config, final_weights
+
+
+def test_state_round_trips_without_pickle(tmp_path):
+    state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 2)}},
+                           "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "name": None}]},
+             "rng": torch.get_rng_state(), "half": torch.ones(3, dtype=torch.bfloat16), "nan": float("inf")}
+    save_state(tmp_path, "state", state)
+    assert {p.name for p in tmp_path.iterdir()} == {"state.json", "state.safetensors"}
+    loaded = load_state(tmp_path, "state")
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert list(loaded["optimizer"]["state"]) == [0] and loaded["nan"] == float("inf")
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(loaded["rng"], state["rng"]) and loaded["half"].dtype == torch.bfloat16
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickled_checkpoint_is_never_unpickled(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = Run.train_step
+
+    def stop_after_one(self, step):
+        record = original(self, step)
+        self._stop = signal.SIGINT
+        return record
+
+    monkeypatch.setattr(Run, "train_step", stop_after_one)
+    with pytest.raises(Exception, match="--resume"):
+        train(config(tiny_model_dir, out, method="mezo", lr=1e-2, zero_shot=False))
+    checkpoint = out / "checkpoint"
+    assert (checkpoint / "state.json").is_file() and not (checkpoint / "state.pt").exists()
+    # A run folder from an older zotune, or from someone else, with code in its pickle:
+    (checkpoint / "state.json").unlink()
+    with open(checkpoint / "state.pt", "wb") as handle:
+        pickle.dump({"optimizer": _Boom()}, handle)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert "cannot be read safely" in capsys.readouterr().err and not (tmp_path / "pwned").exists()
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_143(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    train(config(tiny_model_dir, straight, method="hzo", lr=1e-2, zero_shot=False))
+    out = tmp_path / "preempted"
+    original = Run.train_step
+
+    def preempt_at_two(self, step):
+        record = original(self, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before it kills the job
+        return record
+
+    monkeypatch.setattr(Run, "train_step", preempt_at_two)
+    args = ["train", "--model", str(tiny_model_dir), "--task", "csv", "--data", str(config(tiny_model_dir, out).data),
+            "--template", "{text} It was", "--candidates", "neg=terrible,pos=great", "--n-train", "16",
+            "--n-dev", "4", "--n-test", "8", "--steps", "4", "--batch-size", "2", "--eval-every", "2",
+            "--method", "hzo", "--lr", "1e-2", "--no-zero-shot", "--no-progress", "--output", str(out)]
+    assert cli.main(args) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().err and (out / "checkpoint").is_dir()
+    monkeypatch.setattr(Run, "train_step", original)
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+    a, b = final_weights(straight, "hzo"), final_weights(out, "hzo")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

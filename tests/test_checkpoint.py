@@ -46,6 +46,7 @@ def test_a_pickled_checkpoint_is_never_unpickled(tiny_model_dir, tmp_path, monke
     assert (checkpoint / "state.json").is_file() and not (checkpoint / "state.pt").exists()
     # A run folder from an older zotune, or from someone else, with code in its pickle:
     (checkpoint / "state.json").unlink()
+    (checkpoint / "manifest.json").unlink()  # older zotune wrote none
     with open(checkpoint / "state.pt", "wb") as handle:
         pickle.dump({"optimizer": _Boom()}, handle)
     monkeypatch.chdir(tmp_path)
@@ -76,3 +77,78 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tiny_model_dir, tmp_path,
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
     a, b = final_weights(straight, "hzo"), final_weights(out, "hzo")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _interrupted_run(tiny_model_dir, out, monkeypatch, method="mezo"):
+    original = Run.train_step
+
+    def stop_after_two(self, step):
+        record = original(self, step)
+        self._stop = signal.SIGINT if step == 1 else False
+        return record
+
+    monkeypatch.setattr(Run, "train_step", stop_after_two)
+    with pytest.raises(Exception, match="--resume"):
+        train(config(tiny_model_dir, out, method=method, lr=1e-2, zero_shot=False))
+    monkeypatch.setattr(Run, "train_step", original)
+
+
+def test_a_damaged_checkpoint_file_is_one_line_and_exit_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(tiny_model_dir, out, monkeypatch)
+    manifest = (out / "checkpoint" / "manifest.json").read_text()
+    assert "weights.safetensors" in manifest and "state.json" in manifest
+    for name in ("weights.safetensors", "state.safetensors", "state.json", "progress.json"):
+        path = out / "checkpoint" / name
+        content = path.read_bytes()
+        path.write_bytes(content[: len(content) // 2])  # truncated, as by a full disk or a bad copy
+        assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
+        error = capsys.readouterr().err
+        assert name in error and "damaged" in error and "Traceback" not in error
+        path.write_bytes(content)
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+
+
+def test_a_kill_during_the_swap_leaves_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train(config(tiny_model_dir, straight, method="mezo", lr=1e-2, zero_shot=False))
+    out = tmp_path / "run"
+    _interrupted_run(tiny_model_dir, out, monkeypatch)
+    # Killed between the two renames of the next checkpoint: only checkpoint.old/ is complete.
+    (out / "checkpoint").rename(out / "checkpoint.old")
+    (out / "checkpoint.partial").mkdir()
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+    a, b = final_weights(straight, "mezo"), final_weights(out, "mezo")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any((out / name).exists() for name in ("checkpoint", "checkpoint.old", "checkpoint.partial"))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from zotune import checkpoint
+    from zotune.errors import UserError
+
+    out = tmp_path / "run"
+    _interrupted_run(tiny_model_dir, out, monkeypatch)
+    before = (out / "checkpoint" / "manifest.json").read_text()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_state", full)
+    monkeypatch.setattr("zotune.train.save_state", full)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+        checkpoint.write_checkpoint(out, lambda folder: full())
+    assert (out / "checkpoint" / "manifest.json").read_text() == before
+    assert not (out / "checkpoint.partial").exists()
+
+
+def test_a_truncated_trajectory_is_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, out, method="mezo", lr=1e-2, zero_shot=False, steps=2))
+    path = out / "trajectory.json"
+    path.write_text(path.read_text()[:100])
+    assert cli.main(["replay", "--run", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "trajectory.json is damaged" in error and "Traceback" not in error

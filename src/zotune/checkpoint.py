@@ -1,16 +1,25 @@
-"""Method and optimizer state without pickle: a JSON skeleton plus one safetensors file.
+"""Checkpoint folders: durable, verified, and read without pickle.
 
-Reading a pickle runs whatever code it holds, and run folders travel between people.
-:func:`save_state` writes any nesting of dicts, lists, tuples, numbers, strings and
-tensors as ``NAME.json`` (the structure, tensors replaced by references) and
-``NAME.safetensors`` (the tensors); :func:`load_state` reads them back and executes
-nothing.
+* :func:`save_state` / :func:`load_state`: any nesting of dicts, lists, tuples, numbers,
+  strings and tensors as ``NAME.json`` (the structure, tensors replaced by references)
+  and ``NAME.safetensors``. Reading a pickle runs whatever code it holds, and run
+  folders travel between people: nothing here unpickles.
+* :func:`write_checkpoint`: fills a new folder, records the sha256 of every file in
+  ``manifest.json``, fsyncs the files and the folder, and only then swaps it in; the
+  previous checkpoint stays until the new one is complete, so at every instant one
+  complete checkpoint exists (``checkpoint/``, or ``checkpoint.old/`` mid-swap).
+* :func:`find_checkpoint` picks it and checks every file against the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
+
+from zotune.errors import UserError
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -63,3 +72,77 @@ def load_state(folder: Path, name: str):
         return {k: decode(v) for k, v in value.items()}
 
     return decode(document["state"])
+
+
+CHECKPOINT_FORMAT = "zotune-checkpoint/1"
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_checkpoint(out: Path, fill) -> None:
+    """``fill(folder)`` writes the checkpoint's files into a new folder, which then replaces
+    ``out/checkpoint`` atomically. A failure while writing (a full disk) leaves the previous
+    checkpoint as it was and is one line for the user."""
+    final, partial, old = out / "checkpoint", out / "checkpoint.partial", out / "checkpoint.old"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir()
+        fill(partial)
+        files = {p.name: _sha256(p) for p in sorted(partial.iterdir())}
+        (partial / MANIFEST).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "sha256": files}))
+        for path in partial.iterdir():
+            _fsync(path)
+        _fsync(partial)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = "the previous checkpoint is intact" if final.is_dir() else "no checkpoint was kept"
+        raise UserError(f"could not write a checkpoint in {out} ({error.strerror or error}); {kept}") from None
+    if final.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    partial.rename(final)
+    _fsync(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint of a run folder, verified against its manifest; None if there is none."""
+    for name in ("checkpoint", "checkpoint.old"):
+        folder = out / name
+        if folder.is_dir():
+            verify_checkpoint(folder)
+            return folder
+    return None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    manifest = folder / MANIFEST
+    if not manifest.is_file():  # written by zotune before 0.2, which kept no manifest
+        return
+    try:
+        document = json.loads(manifest.read_text())
+        files = document["sha256"]
+        assert document["format"] == CHECKPOINT_FORMAT
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, the answer is the same
+        raise UserError(f"{manifest} is damaged or from another zotune version; restart the run with "
+                        "--overwrite") from None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != expected:
+            raise UserError(f"{path} is missing or damaged (its checksum does not match the manifest); restart "
+                            "the run with --overwrite, or resume from a copy of the run folder")

@@ -8,6 +8,7 @@ import torch
 
 from zotune import methods, models, tasks
 from zotune.config import TrainConfig, from_mapping, load_run
+from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
 from zotune.scoring import Scorer, evaluate
 
@@ -46,6 +47,11 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
     if method.replays is None or not trajectory.is_file():
         replayable = [name for name, entry in methods.METHODS.items() if entry.method.replays]
         raise UserError(f"{run_dir} is not a finished run of {' or '.join(replayable)} (no trajectory.json)")
+    try:  # before loading the model: a damaged file is one line, not a traceback
+        Trajectory.load(trajectory)
+    except (ValueError, KeyError, TypeError) as error:
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"{trajectory} is damaged or not a zotune trajectory ({reason}); it cannot be replayed")
     model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
     model = method.replay(model, config.options, trajectory)
     target = Path(output) if output else folder / "replayed"

@@ -21,12 +21,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from zotune import methods, models, tasks
-from zotune.checkpoint import load_state, save_state
+from zotune.checkpoint import find_checkpoint, load_state, save_state, write_checkpoint
 from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.errors import UserError
 from zotune.scoring import Scorer, evaluate
 
-RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "model", "adapter",
+RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
+             "model", "adapter", "first_order.safetensors",
              "trajectory.json", "result.json")
 # Options that may change when a run is resumed; everything else must match the saved config.
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "progress", "output")
@@ -123,21 +124,20 @@ class Run:
     # -- checkpoints ---------------------------------------------------------
 
     def save_checkpoint(self):
-        final, partial = self.out / "checkpoint", self.out / "checkpoint.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
         self.method.flush()
-        save_file(self.method.checkpoint_tensors(), partial / "weights.safetensors")
-        save_state(partial, "state", {"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()})
-        (partial / "progress.json").write_text(json.dumps(self.state))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+
+        def fill(folder):
+            save_file(self.method.checkpoint_tensors(), folder / "weights.safetensors")
+            save_state(folder, "state", {"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()})
+            (folder / "progress.json").write_text(json.dumps(self.state))
+
+        write_checkpoint(self.out, fill)
 
     def load_checkpoint(self):
-        folder = self.out / "checkpoint"
         if (self.out / "result.json").exists():
             raise UserError(f"the run in {self.out} has finished; start a new one with another --output")
-        if not folder.is_dir():
+        folder = find_checkpoint(self.out)
+        if folder is None:
             raise UserError(f"the run in {self.out} has no checkpoint to resume from; use --overwrite to restart it")
         weights = load_file(folder / "weights.safetensors")
         with torch.no_grad():
@@ -240,7 +240,8 @@ class Run:
             "peak_memory_mb": peak_memory_mb(),
         }
         (self.out / "result.json").write_text(json.dumps(result, indent=2))
-        shutil.rmtree(self.out / "checkpoint", ignore_errors=True)
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.partial"):
+            shutil.rmtree(self.out / name, ignore_errors=True)
         return result
 
 

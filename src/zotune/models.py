@@ -59,10 +59,23 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model {name!r}: {first_line}") from None
+    check_tokenizer(name, model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
+
+
+def check_tokenizer(name: str, model, tokenizer) -> None:
+    """Refuses a tokenizer that would make every score wrong without an error."""
+    size = len(tokenizer)
+    if size < 16:  # what transformers builds from a folder without tokenizer files
+        raise UserError(f"model {name!r} has no usable tokenizer ({size} tokens): add its tokenizer files to the folder")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and size > rows:
+        raise UserError(f"the tokenizer of {name!r} has {size} tokens but the model's embedding only {rows} rows: "
+                        "they do not belong together")
 
 
 def add_lora(model, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj")):

@@ -27,6 +27,14 @@ class Scorer:
         self.candidate_ids = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in candidates]
         if any(not ids for ids in self.candidate_ids):
             raise UserError(f"a candidate in {candidates} tokenizes to nothing: use non-empty words")
+        # Scored by their first token when all are one token long (and always for masked LMs).
+        keys = [tuple(ids) if max(map(len, self.candidate_ids)) > 1 and kind != "masked" else ids[0]
+                for ids in self.candidate_ids]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                other = candidates[keys.index(key)]
+                raise UserError(f"candidates {other!r} and {candidates[i]!r} tokenize to the same ids, so they always "
+                                "tie: choose words that differ")
         if kind == "masked":
             if tokenizer.mask_token_id is None:
                 raise UserError("the model is a masked LM but its tokenizer has no mask token")

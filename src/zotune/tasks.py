@@ -66,6 +66,8 @@ def sample(task: Task, n_train: int, n_dev: int, n_test: int, seed: int) -> Spli
             f"--n-train {n_train} + --n-dev {n_dev}: lower them"
         )
     test = list(task.test_pool)
+    if n_test > 0 and not test:
+        raise UserError(f"task {task.name} has no test examples: give a test file (--test-data) or --n-test 0")
     random.Random(seed).shuffle(test)
     return Split(pool[:n_train], pool[n_train:n_train + n_dev], test[:n_test])
 

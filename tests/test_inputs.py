@@ -48,3 +48,15 @@ def test_an_empty_test_pool_is_refused(tmp_path):
         return  # refused already when the file is read: as good
     with pytest.raises(UserError, match="no test examples"):
         tasks.sample(task, 4, 0, 4, 0)
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from zotune import cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["train", "--model", str(tiny_model_dir), "--output", str(blocker / "run"), "--steps", "1",
+            "--no-progress"]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert "cannot write the run folder" in error and "Traceback" not in error

@@ -70,7 +70,13 @@ def prepare_output(config: TrainConfig, overwrite: bool) -> Path:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".zotune-write-test").touch()
+        (out / ".zotune-write-test").unlink()
+    except OSError as error:
+        raise UserError(f"cannot write the run folder {out} ({error.strerror or error}): choose another --output") \
+            from None
     return out
 
 

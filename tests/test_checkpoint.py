@@ -152,3 +152,34 @@ def test_a_truncated_trajectory_is_one_line_and_exit_2(tiny_model_dir, tmp_path,
     assert cli.main(["replay", "--run", str(out)]) == 2
     error = capsys.readouterr().err
     assert "trajectory.json is damaged" in error and "Traceback" not in error
+
+
+def test_metrics_cut_by_a_kill_resume_and_a_garbled_row_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(tiny_model_dir, out, monkeypatch)
+    metrics = out / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([*rows, "{\"step\": 3, \"lo"]))  # a later process killed while writing step 3
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+    import json
+
+    assert [json.loads(row)["step"] for row in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    out2 = tmp_path / "run2"
+    _interrupted_run(tiny_model_dir, out2, monkeypatch)
+    metrics = out2 / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([rows[0][:5], *rows[1:]]) + "\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out2), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "metrics.jsonl line 1 is damaged" in error and "Traceback" not in error
+
+
+def test_a_damaged_final_model_is_one_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(tiny_model_dir, out, method="mezo", lr=1e-2, zero_shot=False, steps=1))
+    weights = out / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    assert cli.main(["eval", "--run", str(out), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "could not load model" in error and "Traceback" not in error

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from zotune.errors import UserError
 
@@ -56,7 +57,7 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         model = auto.from_pretrained(source, dtype=DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # a damaged file: one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load model {name!r}: {first_line}") from None
     check_tokenizer(name, model, tokenizer)

@@ -155,9 +155,20 @@ class Run:
         torch.set_rng_state(saved["rng"])  # inside the run's forked RNG: dropout resumes where it was
         self.state = json.loads((folder / "progress.json").read_text())
         # A hard kill after a periodic checkpoint leaves rows of steps that will run again.
-        rows = (self.out / "metrics.jsonl").read_text().splitlines(keepends=True)
-        kept = [row for row in rows if json.loads(row)["step"] <= self.state["step"]]
-        (self.out / "metrics.jsonl").write_text("".join(kept))
+        metrics = self.out / "metrics.jsonl"
+        rows = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
+        kept = []
+        for number, row in enumerate(rows, 1):
+            try:
+                step = json.loads(row)["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(rows):  # cut short by a kill while it was written: that step runs again
+                    break
+                raise UserError(f"{metrics} line {number} is damaged; repair or delete that line, then resume") \
+                    from None
+            if step <= self.state["step"]:
+                kept.append(row if row.endswith("\n") else row + "\n")
+        metrics.write_text("".join(kept))
 
     # -- the loop --------------------------------------------------------------
 

@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 import signal
@@ -161,8 +162,6 @@ def test_metrics_cut_by_a_kill_resume_and_a_garbled_row_is_one_line(tiny_model_d
     rows = metrics.read_text().splitlines()
     metrics.write_text("\n".join([*rows, "{\"step\": 3, \"lo"]))  # a later process killed while writing step 3
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
-    import json
-
     assert [json.loads(row)["step"] for row in metrics.read_text().splitlines()] == [1, 2, 3, 4]
     out2 = tmp_path / "run2"
     _interrupted_run(tiny_model_dir, out2, monkeypatch)
@@ -183,3 +182,20 @@ def test_a_damaged_final_model_is_one_line(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["eval", "--run", str(out), "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert "could not load model" in error and "Traceback" not in error
+
+
+def test_resume_checks_that_the_data_is_the_same(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(tiny_model_dir, out, monkeypatch)
+    samples = out / "samples.json"
+    original = samples.read_text()
+    samples.write_text(original[: len(original) // 2])
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert "samples.json is missing or damaged" in capsys.readouterr().err
+    changed = json.loads(original)
+    changed["train"] = changed["train"][::-1]
+    samples.write_text(json.dumps(changed))
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert "the data changed" in capsys.readouterr().err
+    samples.write_text(original)
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0

@@ -127,6 +127,17 @@ class Run:
             picked.append(self.split.train[self._orders[epoch][i % n]])
         return picked
 
+    def check_samples(self):
+        """A resumed run must see the examples it started with (a data file may have changed)."""
+        path = self.out / "samples.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{path} is missing or damaged; restart the run with --overwrite") from None
+        if saved != json.loads(json.dumps(self.split.ids())):
+            raise UserError(f"the examples drawn now differ from {path}: the data changed since the run started; "
+                            "restore it, or restart the run with --overwrite")
+
     # -- checkpoints ---------------------------------------------------------
 
     def save_checkpoint(self):
@@ -191,6 +202,7 @@ class Run:
     def run(self) -> dict:
         config = self.config
         if self.resume:
+            self.check_samples()
             self.load_checkpoint()
         else:
             config.save(self.out / "config.yaml")

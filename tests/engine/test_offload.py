@@ -16,7 +16,7 @@ def stacked_closure(model, seed: int = 0, batch: int = 3, length: int = 10):
     ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
     def closure(copies=None):
-        x = ids if copies is None else ids.repeat(copies, 1)
+        x = (ids if copies is None else ids.repeat(copies, 1)).to(model.get_input_embeddings().weight.device)
         logits = model(input_ids=x).logits[:, :-1].float()
         each = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none")
         return each.mean() if copies is None else each.view(copies, -1).mean(1)

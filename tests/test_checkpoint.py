@@ -13,6 +13,14 @@ from zotune.train import Run, train
 from .test_train import config, final_weights
 
 
+def assert_one_line_error(capsys, args, *expected):
+    """The command fails with exit 2 and a line that says what is wrong, never a traceback."""
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert all(text in error for text in expected) and "Traceback" not in error, error
+
+
 def test_state_round_trips_without_pickle(tmp_path):
     state = {"optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, 2)}},
                            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "name": None}]},
@@ -51,8 +59,8 @@ def test_a_pickled_checkpoint_is_never_unpickled(tiny_model_dir, tmp_path, monke
     with open(checkpoint / "state.pt", "wb") as handle:
         pickle.dump({"optimizer": _Boom()}, handle)
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
-    assert "cannot be read safely" in capsys.readouterr().err and not (tmp_path / "pwned").exists()
+    assert_one_line_error(capsys, ["train", "--resume", str(out), "--no-progress"], "cannot be read safely")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_143(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -103,9 +111,7 @@ def test_a_damaged_checkpoint_file_is_one_line_and_exit_2(tiny_model_dir, tmp_pa
         path = out / "checkpoint" / name
         content = path.read_bytes()
         path.write_bytes(content[: len(content) // 2])  # truncated, as by a full disk or a bad copy
-        assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
-        error = capsys.readouterr().err
-        assert name in error and "damaged" in error and "Traceback" not in error
+        assert_one_line_error(capsys, ["train", "--resume", str(out), "--no-progress"], name, "damaged")
         path.write_bytes(content)
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
 
@@ -150,9 +156,7 @@ def test_a_truncated_trajectory_is_one_line_and_exit_2(tiny_model_dir, tmp_path,
     train(config(tiny_model_dir, out, method="mezo", lr=1e-2, zero_shot=False, steps=2))
     path = out / "trajectory.json"
     path.write_text(path.read_text()[:100])
-    assert cli.main(["replay", "--run", str(out)]) == 2
-    error = capsys.readouterr().err
-    assert "trajectory.json is damaged" in error and "Traceback" not in error
+    assert_one_line_error(capsys, ["replay", "--run", str(out)], "trajectory.json is damaged")
 
 
 def test_metrics_cut_by_a_kill_resume_and_a_garbled_row_is_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -168,10 +172,7 @@ def test_metrics_cut_by_a_kill_resume_and_a_garbled_row_is_one_line(tiny_model_d
     metrics = out2 / "metrics.jsonl"
     rows = metrics.read_text().splitlines()
     metrics.write_text("\n".join([rows[0][:5], *rows[1:]]) + "\n")
-    capsys.readouterr()
-    assert cli.main(["train", "--resume", str(out2), "--no-progress"]) == 2
-    error = capsys.readouterr().err
-    assert "metrics.jsonl line 1 is damaged" in error and "Traceback" not in error
+    assert_one_line_error(capsys, ["train", "--resume", str(out2), "--no-progress"], "metrics.jsonl line 1 is damaged")
 
 
 def test_a_damaged_final_model_is_one_line(tiny_model_dir, tmp_path, capsys):
@@ -179,9 +180,7 @@ def test_a_damaged_final_model_is_one_line(tiny_model_dir, tmp_path, capsys):
     train(config(tiny_model_dir, out, method="mezo", lr=1e-2, zero_shot=False, steps=1))
     weights = out / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
-    assert cli.main(["eval", "--run", str(out), "--no-progress"]) == 2
-    error = capsys.readouterr().err
-    assert "could not load model" in error and "Traceback" not in error
+    assert_one_line_error(capsys, ["eval", "--run", str(out), "--no-progress"], "could not load model")
 
 
 def test_resume_checks_that_the_data_is_the_same(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -190,12 +189,11 @@ def test_resume_checks_that_the_data_is_the_same(tiny_model_dir, tmp_path, monke
     samples = out / "samples.json"
     original = samples.read_text()
     samples.write_text(original[: len(original) // 2])
-    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
-    assert "samples.json is missing or damaged" in capsys.readouterr().err
+    resume = ["train", "--resume", str(out), "--no-progress"]
+    assert_one_line_error(capsys, resume, "samples.json is missing or damaged")
     changed = json.loads(original)
     changed["train"] = changed["train"][::-1]
     samples.write_text(json.dumps(changed))
-    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 2
-    assert "the data changed" in capsys.readouterr().err
+    assert_one_line_error(capsys, resume, "the data changed")
     samples.write_text(original)
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules.module import register_module_forward_hook
 
+from zotune.core import kernels
 from zotune.core.directions import Draw, LowRank
 
 
@@ -78,7 +79,7 @@ class FactoredUpdates:
         written = set()
         for pid, entry in list(self.factors.items()):
             if only is None or pid in only:
-                seed = rounding(entry.last_step + 1) if rounding and entry.param.dtype in _HALF else None
+                seed = rounding(entry.last_step + 1) if rounding and entry.param.dtype in kernels.HALF else None
                 entry.direction.merge_(entry.param, entry.key, entry.value, self.base_seed, entry.epoch, seed)
                 del self.factors[pid]
                 written.add(pid)
@@ -111,8 +112,6 @@ class FactoredUpdates:
                                                           entry.epoch)
         return changed
 
-
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _factor_hook(ref):

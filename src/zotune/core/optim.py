@@ -8,14 +8,13 @@ import warnings
 
 import torch
 
-from zotune.core import directions, estimate
+from zotune.core import directions, estimate, kernels
 from zotune.core.directions import Draw
 from zotune.core.factored import FactoredUpdates
 from zotune.core.perturb import Perturbation, PerturbedParam, StackedPerturbation
 from zotune.core.rng import derive_seed, rounding_seed
 from zotune.core.trajectory import Trajectory, TrajectoryStep
 
-_HALF = (torch.bfloat16, torch.float16)
 MERGES = ("step", "resample")
 
 
@@ -275,7 +274,7 @@ class MeZO(torch.optim.Optimizer):
             for param, key in zip(group["params"], group["keys"]):
                 if key in skipped or id(param) in skip or (only is not None and id(param) not in only):
                     continue
-                half_rounding = rounding if param.dtype in _HALF else None
+                half_rounding = rounding if param.dtype in kernels.HALF else None
                 if self._factored is not None and self._factored.covers(key):
                     if wd:
                         raise ValueError(f"{key}: factored updates (merge='resample') need weight_decay 0")

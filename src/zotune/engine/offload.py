@@ -162,15 +162,19 @@ class Offload:
             block.depth += 1
             if block.depth > 1:  # already bound
                 return
-            if not self._upload(block):
-                raise RuntimeError("offload: no free slot for a block; is a block running inside another?")
-            self._wait(block.uploaded)
-            block.bind(block.slot.flats)
-            following = self.blocks[block.index + 1] if block.index + 1 < len(self.blocks) else None
-            if following is not None:
-                self._upload(following)  # overlaps this block's compute
-            self._apply_pending(block)
+            self._bind(block, prefetch=True)
         return before
+
+    def _bind(self, block: _Block, prefetch: bool = False) -> None:
+        """Makes the block's parameters views of its slot (uploading it first if it was not
+        prefetched), with its pending updates applied."""
+        if not self._upload(block):
+            raise RuntimeError("offload: no free slot for a block; is a block running inside another?")
+        self._wait(block.uploaded)
+        block.bind(block.slot.flats)
+        if prefetch and block.index + 1 < len(self.blocks):
+            self._upload(self.blocks[block.index + 1])  # overlaps this block's compute
+        self._apply_pending(block)
 
     def _hook_after(self, block: _Block):
         def after(module, args, output):
@@ -224,11 +228,7 @@ class Offload:
         the weights and the host may read or write them."""
         for block in self.blocks:
             if block.pending or merge:
-                if not self._upload(block):
-                    raise RuntimeError("offload: no free slot to flush a block")
-                self._wait(block.uploaded)
-                block.bind(block.slot.flats)
-                self._apply_pending(block)
+                self._bind(block)
                 if merge and any(optimizer.merge_factors(only=block.ids) for optimizer in self._optimizers):
                     block.dirty = True
             if block.slot is not None:

@@ -145,11 +145,11 @@ class HZO(Hybrid):
         if fo_now and self.order == "joint":
             return self._joint(closure)
         if fo_now and self.order == "fo-first":
-            self._apply_gradients(self._gradients(closure))
+            self._first_order(closure)
         self.model.eval()  # dropout would make the perturbed losses differ
         loss = self.zo.step(closure)
         if fo_now and self.order == "zo-first":
-            self._apply_gradients(self._gradients(closure))
+            self._first_order(closure)
         return loss
 
     def _joint(self, closure) -> float:

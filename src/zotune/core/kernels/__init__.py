@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from zotune.core.kernels.reference import CHUNK, DISTRIBUTIONS, GAUSSIAN_RTOL, compute_dtype
+from zotune.core.kernels.reference import CHUNK, DISTRIBUTIONS, GAUSSIAN_RTOL, HALF, compute_dtype
 
 BACKENDS = ("reference", "cpu", "cuda")
-__all__ = ["BACKENDS", "CHUNK", "DISTRIBUTIONS", "GAUSSIAN_RTOL", "available", "compute_dtype", "get", "load"]
+__all__ = ["BACKENDS", "CHUNK", "DISTRIBUTIONS", "GAUSSIAN_RTOL", "HALF", "available", "compute_dtype", "get", "load"]
 
 
 @functools.cache

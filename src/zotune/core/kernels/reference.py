@@ -50,6 +50,8 @@ DISTRIBUTIONS = ("gaussian", "rademacher", "rademacher-v1")
 GAUSSIAN_RTOL = 2e-6
 # Elements per piece of work: bounds temporaries (a few tens of MiB of int64) for any tensor size.
 CHUNK = 1 << 20
+# The dtypes whose updates are rounded stochastically (when a rounding seed is given).
+HALF = (torch.bfloat16, torch.float16)
 _PER_BLOCK = {"gaussian": 4, "rademacher": 128, "rademacher-v1": 4}
 
 
@@ -125,7 +127,7 @@ def _stochastic(values: torch.Tensor, dtype: torch.dtype, random16: torch.Tensor
 
 
 def _round(values, dtype, start, key, rounding_seed) -> torch.Tensor:
-    if rounding_seed is None or dtype not in (torch.bfloat16, torch.float16):
+    if rounding_seed is None or dtype not in HALF:
         return values.to(dtype)
     return _stochastic(values, dtype, _random16(start, values.numel(), rounding_seed, key, values.device))
 

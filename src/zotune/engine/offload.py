@@ -51,7 +51,7 @@ class _Block:
             self.sizes[p.dtype] = self.sizes.get(p.dtype, 0) + p.numel()
         self.host = {dtype: torch.empty(size, dtype=dtype, pin_memory=pin) for dtype, size in self.sizes.items()}
         for view, p in zip(self._views(self.host), self.params):
-            view.copy_(p.detach().view(-1).cpu())
+            view.copy_(p.detach().reshape(-1).cpu())
         self.bind(self.host)
         self.slot: _Slot | None = None
         self.uploaded = self.written_back = None  # events; None: nothing in flight

@@ -24,7 +24,8 @@ import zotune
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.methods.hybrid import Hybrid
-from zotune.methods.mezo import ESTIMATORS, OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad, zo_options
+from zotune.methods.mezo import (ESTIMATORS, OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad,
+                                 zo_options)
 from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
 
 FO_EVERY = ("step", "resample")
@@ -269,7 +270,7 @@ class HZOMethod(Method):
                                  interval=config.resample_every, fo_every=config.fo_every, order=config.order,
                                  weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
                                  blocks=config.blocks, head=config.head, **options)
-        self.engine = offload_blocks(model, self.optimizer.shallow_blocks, self.optimizer.zo, config)
+        self.engine = offload_blocks(model, self.optimizer.zo, config, self.optimizer.shallow_blocks)
 
     def step(self, loss_fn) -> dict:
         hzo = self.optimizer

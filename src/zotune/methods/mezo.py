@@ -80,20 +80,21 @@ def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def offload_blocks(model, blocks, optimizer, config) -> Offload | None:
-    """The offload engine of ``blocks`` (and of the embeddings and head if the config says
-    so) when the config asks for one, attached to ``optimizer``, whose updates it defers."""
+def offload_blocks(model, optimizer, config, blocks=None) -> Offload | None:
+    """The offload engine of ``blocks`` (default: all the model's blocks), and of the
+    embeddings and head if the config says so, when the config asks for one; attached to
+    ``optimizer``, whose updates it defers."""
     if config.offload == "none":
         return None
     layout = find_blocks(model, config.blocks)
-    modules = list(blocks)
+    modules = [module for _, module in layout.blocks] if blocks is None else list(blocks)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for wanted, flag, part in ((config.offload_embeddings, "--offload-embeddings", layout.embeddings),
                                (config.offload_head, "--offload-head", layout.head)):
         if not wanted:
             continue
         if layout.shared(model):
             raise UserError(f"{flag}: the head is tied to the input embedding, which must stay on the device")
-        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if any(id(p) not in trained for _, module in part for p in module.parameters() if p.ndim >= 2):
             raise UserError(f"{flag}: these weights train by first order here, so they stay on the device")
         streamed = [module for _, module in part if any(p.ndim >= 2 for p in module.parameters())]
@@ -128,9 +129,7 @@ class MeZOMethod(Method):
         with settings_errors():
             self.optimizer = zotune.MeZO(zotune.decay_groups(model.named_parameters(), config.weight_decay),
                                          lr=config.lr, seed=seed, **zo_options(config))
-        if config.offload != "none":
-            blocks = [module for _, module in find_blocks(model, config.blocks).blocks]
-            self.engine = offload_blocks(model, blocks, self.optimizer, config)
+        self.engine = offload_blocks(model, self.optimizer, config)
 
     def step(self, loss_fn) -> dict:
         self.model.eval()  # dropout would make the perturbed losses differ

@@ -12,6 +12,8 @@ from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
 from zotune.scoring import Scorer, evaluate
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newer and older
+
 
 def evaluate_model(config: TrainConfig, adapter: str | None = None) -> dict:
     """Test accuracy of ``config.model`` (plus an optional peft adapter) on the test sample of a run with this config."""
@@ -47,19 +49,34 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
     if method.replays is None or not trajectory.is_file():
         replayable = [name for name, entry in methods.METHODS.items() if entry.method.replays]
         raise UserError(f"{run_dir} is not a finished run of {' or '.join(replayable)} (no trajectory.json)")
-    try:  # before loading the model: a damaged file is one line, not a traceback
+    # Before the replay, which may take minutes: a damaged file is one line, not a traceback.
+    try:
         Trajectory.load(trajectory)
     except (ValueError, KeyError, TypeError) as error:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"{trajectory} is damaged or not a zotune trajectory ({reason}); it cannot be replayed")
+        raise UserError(f"{trajectory} is damaged or not a zotune trajectory ({models.reason(error)}): restore it "
+                        "from a copy of the run folder, or upgrade zotune if a newer one wrote it") from None
+    if (folder / "model").is_dir():
+        models.check_files(folder / "model", f"could not load model {str(folder / 'model')!r}")
+    if (folder / "adapter").is_dir():
+        _check_adapter(folder / "adapter")
     model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
-    model = method.replay(model, config.options, trajectory)
+    try:
+        with models.quiet_peft():  # methods with adapters wrap the model
+            model = method.replay(model, config.options, trajectory)
+    except ValueError as error:  # the steps do not fit the model (config.yaml names another one?)
+        raise UserError(f"{trajectory} does not fit the model {config.model} ({models.reason(error)}): check the "
+                        "model in config.yaml, or restore the run folder from a copy") from None
     target = Path(output) if output else folder / "replayed"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     message = f"replayed {trajectory} onto {config.model}: {method.replays} saved to {target}"
     if (folder / "model").is_dir():
-        model, note = method.as_exported(model, folder)
+        try:
+            with models.quiet_peft():
+                model, note = method.as_exported(model, folder)
+        except models.LOAD_ERRORS as error:  # the run's adapter, read by peft
+            raise UserError(f"could not load the adapter in {folder / 'adapter'} ({models.reason(error)}): restore "
+                            "it from a copy of the run folder") from None
         final, _, _ = models.load(str(folder / "model"), config.dtype, config.model_kind, device=model.device.type)
         pairs = list(zip(model.parameters(), final.parameters()))
         if all(torch.equal(a, b) for a, b in pairs):
@@ -76,9 +93,20 @@ def _run_config(run_dir: str) -> tuple[TrainConfig, Path]:
     return from_mapping(load_run(folder)), folder
 
 
+def _check_adapter(folder: Path) -> None:
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"{folder} is not a peft adapter folder (no adapter_config.json)")
+    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise UserError(f"{folder} holds no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): restore them from a copy")
+    models.check_files(folder, f"could not load the adapter {folder}")
+
+
 def _with_adapter(model, adapter: str):
     from peft import PeftModel
 
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter} is not a peft adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter).eval()
+    _check_adapter(Path(adapter))
+    try:
+        with models.quiet_peft():
+            return PeftModel.from_pretrained(model, adapter).eval()
+    except models.LOAD_ERRORS as error:  # what _check_adapter cannot see, such as a wrong value
+        raise UserError(f"could not load the adapter {adapter}: {models.reason(error)}") from None

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from zotune.errors import UserError
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KINDS = ("auto", "causal", "masked")
+# What transformers and peft raise for a missing or damaged file.
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def resolve(name: str) -> str:
@@ -52,14 +55,21 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
     if kind not in KINDS:
         raise UserError(f"unknown model kind {kind!r}: choose one of {', '.join(KINDS)}")
     source = resolve(name)
+    local = Path(source).is_dir()
+    if local:
+        check_files(Path(source), f"could not load model {name!r}")
     try:
         kind = detect_kind(source) if kind == "auto" else kind
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         model = auto.from_pretrained(source, dtype=DTYPES[dtype])
+    except LOAD_ERRORS as error:  # what check_files cannot see (a missing file, a wrong value): one line
+        remedy = "; restore the folder from a copy, or save the model there again" if local else ""
+        raise UserError(f"could not load model {name!r}: {reason(error)}{remedy}") from None
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # a damaged file: one line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load model {name!r}: {first_line}") from None
+    except LOAD_ERRORS as error:  # a file missing from the folder, which transformers does not name
+        raise UserError(f"could not load the tokenizer of model {name!r} ({reason(error)}): restore its tokenizer "
+                        "files (tokenizer.json, tokenizer_config.json) from a copy") from None
     check_tokenizer(name, model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -67,11 +77,48 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
     return model.to(device).eval(), tokenizer, kind
 
 
+def reason(error: Exception) -> str:
+    """An exception's first line, for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def check_files(folder: Path, what: str) -> None:
+    """Reads each JSON file and safetensors header of ``folder`` before transformers or peft
+    does, so that a damaged one is named (their own errors do not say which file).
+
+    A safetensors file holds no checksum of its tensor data: garbled weights still load.
+    """
+    for file in sorted(folder.glob("*.json")):
+        try:
+            if not isinstance(json.loads(file.read_text()), dict):  # all of theirs are objects
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as error:
+            raise UserError(f"{what}: {file} is damaged ({reason(error)}); restore it from a copy") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt"):  # checks the header and that the file holds all the data it lists
+                pass
+        except (OSError, SafetensorError) as error:
+            raise UserError(f"{what}: {file} is damaged ({reason(error)}); restore it from a copy") from None
+
+
+@contextmanager
+def quiet_peft():
+    """peft asks transformers a deprecated question; not the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
 def check_tokenizer(name: str, model, tokenizer) -> None:
     """Refuses a tokenizer that would make every score wrong without an error."""
     size = len(tokenizer)
     if size < 16:  # what transformers builds from a folder without tokenizer files
         raise UserError(f"model {name!r} has no usable tokenizer ({size} tokens): add its tokenizer files to the folder")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:  # batches could not be padded
+        raise UserError(f"the tokenizer of model {name!r} has neither a pad nor an end-of-text token: restore its "
+                        "tokenizer_config.json from a copy, or set pad_token there")
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embedding, "num_embeddings", None)
     if rows is not None and size > rows:
@@ -85,8 +132,7 @@ def add_lora(model, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj")):
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
     try:
-        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's business
-            warnings.simplefilter("ignore", FutureWarning)
+        with quiet_peft():
             return get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"LoRA targets {','.join(targets)}: {str(error).splitlines()[0]}") from None

@@ -143,8 +143,6 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, mon
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_state", full)
-    monkeypatch.setattr("zotune.train.save_state", full)
     with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
         checkpoint.write_checkpoint(out, lambda folder: full())
     assert (out / "checkpoint" / "manifest.json").read_text() == before

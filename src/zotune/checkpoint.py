@@ -96,14 +96,15 @@ def _fsync(path: Path) -> None:
 
 def write_checkpoint(out: Path, fill) -> None:
     """``fill(folder)`` writes the checkpoint's files into a new folder, which then replaces
-    ``out/checkpoint`` atomically. A failure while writing (a full disk) leaves the previous
-    checkpoint as it was and is one line for the user."""
+    ``out/checkpoint`` atomically, and may return the sha256 of files it linked from the
+    previous checkpoint (``{name: digest}``, not hashed again). A failure while writing (a
+    full disk) leaves the previous checkpoint as it was and is one line for the user."""
     final, partial, old = out / "checkpoint", out / "checkpoint.partial", out / "checkpoint.old"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir()
-        fill(partial)
-        files = {p.name: _sha256(p) for p in sorted(partial.iterdir())}
+        known = fill(partial) or {}
+        files = {p.name: known.get(p.name) or _sha256(p) for p in sorted(partial.iterdir())}
         (partial / MANIFEST).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "sha256": files}))
         for path in partial.iterdir():
             _fsync(path)
@@ -120,20 +121,39 @@ def write_checkpoint(out: Path, fill) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A file the new checkpoint shares unchanged with the previous one: a hard link writes no
+    bytes, and the previous checkpoint's deletion leaves the data to the new one."""
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
+
+
+def current_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint folder of a run (without verifying it), or None."""
+    return next((out / name for name in ("checkpoint", "checkpoint.old") if (out / name).is_dir()), None)
+
+
+def manifest_digests(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())["sha256"]
+
+
 def find_checkpoint(out: Path) -> Path | None:
     """The complete checkpoint of a run folder, verified against its manifest; None if there is none."""
-    for name in ("checkpoint", "checkpoint.old"):
-        folder = out / name
-        if folder.is_dir():
-            verify_checkpoint(folder)
-            return folder
-    return None
+    folder = current_checkpoint(out)
+    if folder is not None:
+        verify_checkpoint(folder)
+    return folder
 
 
 def verify_checkpoint(folder: Path) -> None:
     manifest = folder / MANIFEST
-    if not manifest.is_file():  # written by zotune before 0.2, which kept no manifest
-        return
+    if not manifest.is_file():
+        if (folder / "state.pt").is_file():  # written by zotune before 0.2, which kept no manifest
+            return
+        raise UserError(f"{manifest} is missing, so the checkpoint cannot be verified; restore it from a copy of "
+                        "the run folder, or restart the run with --overwrite")
     try:
         document = json.loads(manifest.read_text())
         files = document["sha256"]

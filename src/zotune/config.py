@@ -23,6 +23,12 @@ from zotune.errors import UserError
 from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag
 
 
+# config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
+# load_run upgrade the older files (files without the key predate it). A newer one is refused.
+FORMAT_KEY = "zotune_format"
+FORMAT = 1
+
+
 def _opt(default, help, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
@@ -38,7 +44,7 @@ class TrainConfig:
     text_column: str = _opt("text", "csv/jsonl: the column with the text")
     label_column: str = _opt("label", "csv/jsonl: the column with the label")
     template: str | None = _opt(None, "prompt template with {text}; the candidate word follows it")
-    candidates: str | None = _opt(None, "label=word pairs, e.g. 'neg=terrible,pos=great'")
+    candidates: str | dict | None = _opt(None, "label=word pairs, e.g. 'neg=terrible,pos=great'")
     n_train: int = _opt(1000, "training examples drawn from the train pool")
     n_dev: int = _opt(500, "dev examples drawn from the train pool (disjoint from train)")
     n_test: int = _opt(1000, "test examples drawn from the test pool")
@@ -50,6 +56,12 @@ class TrainConfig:
     eval_batch_size: int = _opt(32, "examples per evaluation batch")
     max_length: int = _opt(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
+    checkpoint: str = _opt("full", "what a checkpoint holds: full (every trained weight and optimizer state) or "
+                           "trajectory (zeroth-order methods: the recorded steps, a few hundred bytes each, plus "
+                           "what trains by gradients; resume replays the steps)", choices=("full", "trajectory"))
+    snapshot_every: int = _opt(0, "--checkpoint trajectory: also store the zeroth-order weights every N steps, so "
+                               "that resume replays at most N steps (0: never; resume replays from the initial "
+                               "model)")
     seed: int = _opt(0, "seed for sampling the data, the data order, the LoRA init and the directions")
     output: str = _opt("runs/latest", "run folder")
     overwrite: bool = _opt(False, "replace a finished or interrupted run in --output")
@@ -68,8 +80,11 @@ class TrainConfig:
         elif not isinstance(self.options, entry.config):
             raise TypeError(f"options of method {self.method!r} must be a {entry.config.__name__}")
         check_choices(self)
+        if self.checkpoint == "trajectory" and entry.method.replays is None:
+            raise UserError(f"--checkpoint trajectory needs a zeroth-order method (its steps rebuild the weights); "
+                            f"{self.method} trains by gradients: use --checkpoint full")
         check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length")
-        check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every")
+        check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every")
 
     def to_dict(self) -> dict:
         """The flat mapping that ``config.yaml`` holds: run fields, then the method's options."""
@@ -77,7 +92,8 @@ class TrainConfig:
         return {**run, **dataclasses.asdict(self.options)}
 
     def save(self, path: Path):
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        # The version first: a file cut short keeps it, and load_run then finds the keys it lost.
+        path.write_text(yaml.safe_dump({FORMAT_KEY: FORMAT, **self.to_dict()}, sort_keys=False))
 
 
 def run_fields() -> list[dataclasses.Field]:
@@ -109,9 +125,14 @@ def unused_options(config: TrainConfig, given) -> list[str]:
     return [flag(name) for name in sorted(set(given) - own)]
 
 
-def _kind(f: dataclasses.Field) -> type:
+def _types(f: dataclasses.Field) -> list[str]:
+    """The names in the field's annotation: ``str | None`` -> ["str", "None"]."""
     text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return {"int": int, "float": float, "bool": bool}.get(text.split("|")[0].strip(), str)
+    return [name.strip() for name in text.split("|")]
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool}.get(_types(f)[0], str)
 
 
 def _aliases() -> dict[str, str]:
@@ -121,17 +142,24 @@ def _aliases() -> dict[str, str]:
 
 def _convert(f: dataclasses.Field, value):
     kind = _kind(f)
-    if value is None or kind not in (int, float):
+    if value is None and "None" in _types(f):
         return value
-    try:  # YAML reads 1e-3 as a string
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key {f.name}: expected a number, got {value!r}") from None
+    if kind in (int, float):
+        if value is not None and not isinstance(value, bool):
+            try:  # YAML reads 1e-3 as a string
+                return kind(value)
+            except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
+                pass
+    elif isinstance(value, kind) or (isinstance(value, dict) and "dict" in _types(f)):
+        return value
+    expected = {bool: "true or false", str: "text"}.get(kind, "a number")
+    raise UserError(f"config key {f.name}: expected {expected}, got {value!r}")
 
 
 def from_mapping(values: dict) -> TrainConfig:
     """A config from flat option: value pairs (YAML, command line); options of other methods are ignored."""
     values = dict(values)
+    values.pop(FORMAT_KEY, None)  # the file's version, not an option (load_yaml checked it)
     for alias, name in _aliases().items():  # older option names; the current name wins when both are given
         if alias in values:
             values.setdefault(name, values.pop(alias))
@@ -139,10 +167,11 @@ def from_mapping(values: dict) -> TrainConfig:
     unknown = sorted(set(values) - set(run) - set(method_fields()))
     if unknown:
         raise UserError(f"unknown config keys {unknown}; see zotune train --help")
-    entry = methods.get(values.get("method", run["method"].default))
+    fields = {k: _convert(run[k], v) for k, v in values.items() if k in run}
+    entry = methods.get(fields.get("method", run["method"].default))
     own = {f.name: f for f in dataclasses.fields(entry.config)}
     options = entry.config(**{k: _convert(own[k], v) for k, v in values.items() if k in own})
-    return TrainConfig(**{k: _convert(run[k], v) for k, v in values.items() if k in run}, options=options)
+    return TrainConfig(**fields, options=options)
 
 
 def load_yaml(path: str) -> dict:
@@ -151,20 +180,49 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"config file {path} does not exist")
     try:
         values = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"config file {path} must be a mapping of option: value")
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not UTF-8 text
+        raise UserError(f"config file {path} is not readable YAML ({str(error).splitlines()[0]}): correct it or "
+                        "restore it from a copy") from None
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise UserError(f"config file {path} must be a mapping of option: value; correct it or restore it from a copy")
+    version = values.get(FORMAT_KEY, FORMAT)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT:
+        raise UserError(f"config file {path} has {FORMAT_KEY} {version!r}: it was written by a newer zotune (this one "
+                        f"reads {FORMAT} and older); upgrade zotune to read it")
     return {key.replace("-", "_"): value for key, value in values.items()}
 
 
 def load_run(folder: Path) -> dict:
-    """The flat values of a run folder's ``config.yaml``, upgraded from older versions of the file."""
-    values = load_yaml(str(folder / "config.yaml"))
+    """The flat values of a run folder's ``config.yaml``, upgraded from older versions of the file and checked:
+    a bad value is one line that names the file."""
+    path = folder / "config.yaml"
+    values = load_yaml(str(path))
+    if not values:  # every zotune wrote the run's settings: defaults would stand in for all of them
+        raise UserError(f"{path} is empty: restore it from a copy of the run folder")
     if "distribution" in values and "stochastic_rounding" not in values:
         # Written before stochastic rounding existed: that run's bf16/fp16 updates rounded to nearest.
         values["stochastic_rounding"] = False
+    if values.get(FORMAT_KEY) == FORMAT:
+        _check_complete(path, values)
+    try:  # here, so that eval, replay and --resume name the file
+        from_mapping(values)
+    except UserError as error:
+        raise UserError(f"{path}: {error}; correct it or restore it from a copy of the run folder") from None
     return values
+
+
+def _check_complete(path: Path, values: dict) -> None:
+    """A file of the current format holds every setting: one missing means it was cut short (a full disk, a bad
+    copy) or edited, and the default that would stand in for it may differ from what the run used."""
+    names = [f.name for f in run_fields()]
+    method = values.get("method")
+    if isinstance(method, str) and method in methods.METHODS:  # any other value: from_mapping names it
+        names += [f.name for f in dataclasses.fields(methods.METHODS[method].config)]
+    missing = [name for name in names if name not in values]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{path} lacks {', '.join(missing[:3])}{more}: it was cut short or edited; restore it from a "
+                        "copy of the run folder")
 
 
 def _meta(f: dataclasses.Field, key: str):

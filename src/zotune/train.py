@@ -13,15 +13,15 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from zotune import methods, models, tasks
-from zotune.checkpoint import find_checkpoint, load_state, save_state, write_checkpoint
+from zotune import checkpoint_modes, methods, models, tasks
+from zotune.checkpoint import find_checkpoint, write_checkpoint
 from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.errors import UserError
 from zotune.scoring import Scorer, evaluate
@@ -30,7 +30,7 @@ RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "chec
              "model", "adapter", "first_order.safetensors",
              "trajectory.json", "result.json")
 # Options that may change when a run is resumed; everything else must match the saved config.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "progress", "output")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "snapshot_every", "progress", "output")
 
 
 class Interrupted(Exception):
@@ -44,18 +44,6 @@ class Interrupted(Exception):
 
 # What a scheduler sends before it preempts a job (SLURM: --signal=USR1@120, then TERM).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
-
-
-def _load_method_state(folder: Path) -> dict:
-    if (folder / "state.json").is_file():
-        return load_state(folder, "state")
-    # Written by zotune before 0.2: read without unpickling code (tensors, numbers, containers only).
-    try:
-        return torch.load(folder / "state.pt", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any refusal or corruption: one line for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{folder / 'state.pt'} cannot be read safely ({reason[:200]}); restart the run with "
-                        "--overwrite") from None
 
 
 def prepare_output(config: TrainConfig, overwrite: bool) -> Path:
@@ -108,6 +96,8 @@ class Run:
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model
+        self.checkpoints = checkpoint_modes.make(config.checkpoint, self.method, config.progress,
+                                                 config.snapshot_every)
         self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length)
         self.state = {"step": 0, "zero_shot": None, "dev": None, "train_seconds": 0.0}
         self._orders: dict[int, list[int]] = {}
@@ -144,9 +134,8 @@ class Run:
         self.method.flush()
 
         def fill(folder):
-            save_file(self.method.checkpoint_tensors(), folder / "weights.safetensors")
-            save_state(folder, "state", {"optimizer": self.method.state_dict(), "rng": torch.get_rng_state()})
             (folder / "progress.json").write_text(json.dumps(self.state))
+            return self.checkpoints.fill(folder, self.state["step"])
 
         write_checkpoint(self.out, fill)
 
@@ -156,19 +145,12 @@ class Run:
         folder = find_checkpoint(self.out)
         if folder is None:
             raise UserError(f"the run in {self.out} has no checkpoint to resume from; use --overwrite to restart it")
-        weights = load_file(folder / "weights.safetensors")
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if name in weights:
-                    param.copy_(weights[name])
-        saved = _load_method_state(folder)
-        self.method.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["rng"])  # inside the run's forked RNG: dropout resumes where it was
+        self.checkpoints.restore(folder)
         self.state = json.loads((folder / "progress.json").read_text())
         # A hard kill after a periodic checkpoint leaves rows of steps that will run again.
         metrics = self.out / "metrics.jsonl"
-        rows = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
-        kept = []
+        rows = metrics.read_bytes().decode(errors="replace").splitlines(keepends=True) if metrics.is_file() else []
+        kept, logged = [], set()
         for number, row in enumerate(rows, 1):
             try:
                 step = json.loads(row)["step"]
@@ -179,7 +161,12 @@ class Run:
                     from None
             if step <= self.state["step"]:
                 kept.append(row if row.endswith("\n") else row + "\n")
+                logged.add(step)
         metrics.write_text("".join(kept))
+        lost = self.state["step"] - len(logged - {0})
+        if lost:  # a log cut shorter than any kill leaves it: the weights are safe, the history is not
+            print(f"zotune: warning: {metrics} lacks the rows of {lost} steps before the checkpoint (the file was "
+                  "cut or emptied); the run goes on", file=sys.stderr)
 
     # -- the loop --------------------------------------------------------------
 
@@ -205,6 +192,7 @@ class Run:
             self.check_samples()
             self.load_checkpoint()
         else:
+            self.checkpoints.start()
             config.save(self.out / "config.yaml")
             (self.out / "samples.json").write_text(json.dumps(self.split.ids()))
             if config.zero_shot:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -109,6 +110,7 @@ class MeZO(torch.optim.Optimizer):
         self._deferred: set[int] = set()
         self._deferred_device = None
         self._receivers: list = []
+        self._history_in_state = True
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
         super().__init__(params, defaults)
 
@@ -241,13 +243,16 @@ class MeZO(torch.optim.Optimizer):
         record = self._pending
         record.lrs = [float(group["lr"]) for group in self.param_groups]
         record.weight_decays = [float(group["weight_decay"]) for group in self.param_groups]
+        self._commit(record)
+        self._pending = None
+        self.steps_done += 1
+        return loss
+
+    def _commit(self, record: TrajectoryStep) -> None:
         self.apply_step(record, skip=self._deferred)
         for receiver in self._receivers:
             receiver(self, record)
         self._history.append(record)
-        self._pending = None
-        self.steps_done += 1
-        return loss
 
     def defer_updates(self, params, receiver, device=None) -> None:
         """Leave the updates of ``params`` to ``receiver(optimizer, record)``, called after each
@@ -330,12 +335,41 @@ class MeZO(torch.optim.Optimizer):
                           stochastic_rounding=self.stochastic_rounding, steps=list(self._history),
                           merge=self.merge, factored=factored)
 
+    @contextmanager
+    def history_apart(self):
+        """Inside it, :meth:`state_dict` leaves out the step records: a trajectory checkpoint
+        stores them apart, append-only, and gives them back to :meth:`catch_up`."""
+        self._history_in_state = False
+        try:
+            yield self
+        finally:
+            self._history_in_state = True
+
+    @torch.no_grad()
+    def catch_up(self, history: list[TrajectoryStep], start: int, wrap=iter) -> None:
+        """Resume from weights that hold the first ``start`` steps of ``history`` (a snapshot, or
+        the initial weights), after :meth:`load_state_dict` of a state saved under
+        :meth:`history_apart`: applies the other steps as the run applied them (offloaded ones
+        through the engine, factors merged when V was redrawn), so the weights, factors and
+        pending updates are the uninterrupted run's. ``wrap`` wraps the steps' iterator (a
+        progress bar)."""
+        if len(history) != self.steps_done or not 0 <= start <= len(history):
+            raise ValueError(f"catch_up needs the {self.steps_done} recorded steps and a start within them, got "
+                             f"{len(history)} steps and start {start}")
+        self._history = list(history[:start])
+        if self._factored is not None:
+            self._rebuild_factors()
+        for record in wrap(history[start:]):
+            self._commit(record)
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         pending = None if self._pending is None else Trajectory([], [], [], steps=[self._pending]).to_dict()
+        trajectory = self.trajectory.to_dict()
+        if not self._history_in_state:
+            trajectory["steps"] = []
         state["zotune"] = {"steps_done": self.steps_done, "n_samples": self.n_samples,
-                           "estimator": self.estimator.name, "pending": pending,
-                           "trajectory": self.trajectory.to_dict()}
+                           "estimator": self.estimator.name, "pending": pending, "trajectory": trajectory}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -271,6 +271,7 @@ class HZOMethod(Method):
                                  weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
                                  blocks=config.blocks, head=config.head, **options)
         self.engine = offload_blocks(model, self.optimizer.zo, config, self.optimizer.shallow_blocks)
+        self.zeroth_order = self.optimizer.zo
 
     def step(self, loss_fn) -> dict:
         hzo = self.optimizer

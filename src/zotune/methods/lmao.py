@@ -135,6 +135,7 @@ class LMAOMethod(Method):
             self.optimizer = LMAO(self.model, lr_lora=config.lr, lr_base=config.lr_base,
                                   weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
                                   **zo_options(config))
+        self.zeroth_order = self.optimizer.zo
 
     def step(self, loss_fn) -> dict:
         # The paper decays the adapters' rate linearly; a function of the optimizer's own step count, so resume-safe.

@@ -130,6 +130,7 @@ class MeZOMethod(Method):
             self.optimizer = zotune.MeZO(zotune.decay_groups(model.named_parameters(), config.weight_decay),
                                          lr=config.lr, seed=seed, **zo_options(config))
         self.engine = offload_blocks(model, self.optimizer, config)
+        self.zeroth_order = self.optimizer
 
     def step(self, loss_fn) -> dict:
         self.model.eval()  # dropout would make the perturbed losses differ

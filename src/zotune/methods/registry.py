@@ -92,6 +92,9 @@ class Method:
     replays: str | None = None
     #: the :class:`zotune.engine.offload.Offload` engine streaming the model's blocks, if any
     engine = None
+    #: the :class:`zotune.MeZO` whose recorded steps rebuild the weights it trains (what a
+    #: trajectory checkpoint replays); None for methods that train by gradients alone
+    zeroth_order = None
 
     def __init__(self, model, config, seed: int = 0, steps: int = 1):
         self.model, self.config, self.seed, self.steps = model, config, seed, steps

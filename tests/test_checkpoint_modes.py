@@ -1,0 +1,77 @@
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.train import Run, train
+
+from .test_checkpoint import assert_one_line_error
+from .test_train import LRS, VARIANTS, config, final_weights
+
+# Factored low-rank updates merged every 2 steps: resume must rebuild the factors of the snapshot's interval.
+LOW_RANK = {"mezo-lowrank": ("mezo", {"direction": "lowrank", "merge": "resample", "resample_every": 2})}
+
+
+def _stop_at(monkeypatch, steps):
+    """Ctrl-C after each of ``steps`` (0-based), as many times as the run is resumed."""
+    original = Run.train_step
+
+    def stop(self, step):
+        record = original(self, step)
+        self._stop = signal.SIGINT if step in steps else False
+        return record
+
+    monkeypatch.setattr(Run, "train_step", stop)
+    return original
+
+
+@pytest.mark.parametrize("snapshot_every", [0, 3])
+@pytest.mark.parametrize("variant", ["mezo", "lmao", "hzo", "mezo-offload", "hzo-offload", "mezo-lowrank"])
+def test_trajectory_checkpoints_resume_bit_identically(tiny_model_dir, tmp_path, monkeypatch, variant, snapshot_every):
+    method, options = {**VARIANTS, **LOW_RANK}.get(variant, (variant, {}))
+    options = {"lr": LRS[method], "steps": 7, "zero_shot": False, **options}
+    straight = tmp_path / "straight"
+    train(config(tiny_model_dir, straight, method=method, **options))
+    out = tmp_path / "run"
+    settings = dict(method=method, checkpoint="trajectory", snapshot_every=snapshot_every, save_every=1, **options)
+    original = _stop_at(monkeypatch, {1, 4})
+    with pytest.raises(Exception, match="--resume"):
+        train(config(tiny_model_dir, out, **settings))
+    checkpoint = out / "checkpoint"
+    segments = sorted(p.name for p in checkpoint.glob("steps-*.json"))
+    assert segments == ["steps-000000000-000000001.json", "steps-000000001-000000002.json"]
+    if method == "mezo":  # every weight comes from the trajectory
+        assert load_file(checkpoint / "weights.safetensors") == {}
+    first = os.stat(checkpoint / segments[0]).st_ino
+    with pytest.raises(Exception, match="--resume"):
+        train(config(tiny_model_dir, out, **settings), resume=True)
+    assert os.stat(checkpoint / segments[0]).st_ino == first  # linked, not written again
+    assert (checkpoint / "snapshot.safetensors").is_file() == bool(snapshot_every)
+    monkeypatch.setattr(Run, "train_step", original)
+    train(config(tiny_model_dir, out, **settings), resume=True)
+    a, b = final_weights(straight, method), final_weights(out, method)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trajectory_resume_refuses_a_changed_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "run"
+    _stop_at(monkeypatch, {1})
+    with pytest.raises(Exception, match="--resume"):
+        train(config(model, out, method="mezo", lr=1e-2, checkpoint="trajectory", zero_shot=False))
+    weights = load_file(model / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    from safetensors.torch import save_file
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(capsys, ["train", "--resume", str(out), "--no-progress"], "differ from those the run")
+
+
+def test_trajectory_checkpoints_need_a_zeroth_order_method(tiny_model_dir, tmp_path, capsys):
+    assert_one_line_error(capsys, ["train", "--model", str(tiny_model_dir), "--method", "lora-ft", "--checkpoint",
+                                   "trajectory", "--output", str(tmp_path / "r")], "--checkpoint full")

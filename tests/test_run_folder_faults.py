@@ -73,7 +73,7 @@ def delete(path: Path):
 
 def newer(path: Path):  # written by a later zotune
     text = path.read_text()
-    changed = text.replace("zotune_format: 1", "zotune_format: 99")
+    changed = re.sub(r"^zotune_format: \d+$", "zotune_format: 99", text, flags=re.M)
     changed = changed.replace("zotune-trajectory/2", "zotune-trajectory/99")
     assert changed != text, path
     path.write_text(changed)
@@ -229,7 +229,7 @@ def test_config_yaml_carries_its_format_and_older_files_still_load(runs, tmp_pat
 
     run = tmp_path / "run"
     shutil.copytree(runs / "mezo", run)
-    assert (run / "config.yaml").read_text().startswith("zotune_format: 1\n")
+    assert (run / "config.yaml").read_text().startswith(f"zotune_format: {cfg.FORMAT}\n")
     # A run's config.yaml as --config: the version is no option.
     assert cfg.from_mapping(cfg.load_yaml(str(run / "config.yaml"))).steps == 2
     # Written before the version existed: accepted, and a later setting may be absent (its default stands in).

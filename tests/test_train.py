@@ -141,7 +141,7 @@ def test_a_diverging_zeroth_order_run_is_a_user_error(tiny_model_dir, tmp_path, 
     from zotune.errors import UserError
     from zotune.scoring import Scorer
 
-    def nan_loss(self, prompts, labels, copies=None):
+    def nan_loss(self, prompts, labels, copies=None, choices=None):
         return torch.full(() if copies is None else (copies,), float("nan"), requires_grad=True)
 
     monkeypatch.setattr(Scorer, "loss", nan_loss)

@@ -12,7 +12,8 @@ from zotune.errors import UserError
 from zotune.train import Interrupted, resume_config, train
 
 EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "text_column", "label_column", "template",
-               "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "progress")
+               "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "max_new_tokens",
+               "progress")
 # The demo: LoRA fine-tuning is what shows a clear gain within a few CPU minutes on a
 # 135M model; MeZO needs thousands of steps (see README).
 DEMO = dict(model="smollm2", task="rt-sst2", method="lora-ft", steps=120, batch_size=8, lr=5e-4, n_train=1000,
@@ -37,9 +38,10 @@ def cmd_train(args) -> int:
 
 
 def summary(result: dict, output) -> str:
-    zero = result["zero_shot_accuracy"]
+    metric = result.get("metric", "accuracy")
+    zero = result[f"zero_shot_{metric}"]
     before = f"zero-shot {zero:.1%} -> " if zero is not None else ""
-    return (f"zotune: {result['method']} on {result['task']}: test accuracy {before}{result['test_accuracy']:.1%} "
+    return (f"zotune: {result['method']} on {result['task']}: test {metric} {before}{result[f'test_{metric}']:.1%} "
             f"(n={result['n_test']}) after {result['steps']} steps in {result['train_seconds']:.0f}s; "
             f"run folder {output}")
 
@@ -50,7 +52,7 @@ def cmd_eval(args) -> int:
     if args.run:
         result = evaluate_run(args.run, progress=getattr(args, "progress", True))
     else:
-        result = evaluate_model(cfg.from_args(args), adapter=args.adapter)
+        result = evaluate_model(cfg.from_args(args), adapter=args.adapter, icl=args.icl)
     print(json.dumps(result))
     return 0
 
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="test accuracy of a model (zero-shot) or of a finished run")
     evaluate.add_argument("--run", metavar="DIR", help="evaluate the final weights of the run in DIR")
     evaluate.add_argument("--adapter", metavar="DIR", help="a peft adapter folder to load on top of --model")
+    evaluate.add_argument("--icl", type=int, default=0, metavar="K",
+                          help="in-context learning: K demonstrations from the training sample before each prompt "
+                               "(the MeZO paper uses 32; raise --max-length to fit them, or the oldest are cut)")
     cfg.add_arguments(evaluate, EVAL_FIELDS)
     evaluate.set_defaults(handler=cmd_eval)
 

@@ -26,7 +26,7 @@ from zotune.methods.registry import check_choices, check_non_negative, check_pos
 # config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
-FORMAT = 1
+FORMAT = 2  # 2: objective, max_new_tokens, the peft options of mezo and hzo
 
 
 def _opt(default, help, **extra):
@@ -55,6 +55,11 @@ class TrainConfig:
     zero_shot: bool = _opt(True, "evaluate on the test set before training")
     eval_batch_size: int = _opt(32, "examples per evaluation batch")
     max_length: int = _opt(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
+    objective: str = _opt("loss", "what training minimises: loss (cross-entropy over the candidates, or the answer's "
+                          "negative log-likelihood), or for gradient-free methods (mezo) minus the minibatch accuracy "
+                          "(accuracy) or minus the token F1 of greedy answers (f1, generation tasks)",
+                          choices=("loss", "accuracy", "f1"))
+    max_new_tokens: int = _opt(16, "generation tasks: most tokens generated per answer (greedy, up to a newline)")
     save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
     checkpoint: str = _opt("full", "what a checkpoint holds: full (every trained weight and optimizer state) or "
                            "trajectory (zeroth-order methods: the recorded steps, a few hundred bytes each, plus "
@@ -83,7 +88,10 @@ class TrainConfig:
         if self.checkpoint == "trajectory" and entry.method.replays is None:
             raise UserError(f"--checkpoint trajectory needs a zeroth-order method (its steps rebuild the weights); "
                             f"{self.method} trains by gradients: use --checkpoint full")
-        check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length")
+        if self.objective != "loss" and not entry.method.gradient_free:
+            raise UserError(f"--objective {self.objective} has no gradient: it needs a zeroth-order method that uses "
+                            f"no gradients (mezo), not {self.method}")
+        check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens")
         check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every")
 
     def to_dict(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,23 +26,56 @@ TEST_POOL_FRACTION = 0.2
 TEST_POOL_SEED = 1234
 
 
+FORMATS = ("classification", "multiple_choice", "generation")
+
+
 @dataclass(frozen=True)
 class Example:
+    """One labelled example. ``text`` fills the task's template ({text}); loaders of
+    multi-field datasets format their fields into it.
+
+    * classification: ``label`` indexes the task's candidates;
+    * multiple choice: ``candidates`` are this example's own continuations and ``label``
+      indexes them;
+    * generation: ``answers`` are the gold answers (the first is the training target) and
+      ``label`` is -1.
+    """
+
     id: str
     text: str
-    label: int  # index into Task.candidates
+    label: int
+    candidates: tuple[str, ...] | None = None
+    answers: tuple[str, ...] = ()
 
 
 @dataclass
 class Task:
     name: str
-    template: str  # str.format template over {text}; the candidate follows it after a space
-    candidates: list[str]  # verbaliser words, one per class
+    template: str  # str.format template over {text}; the candidate (or answer) follows it after the separator
+    candidates: list[str]  # verbaliser words, one per class (empty for multiple choice and generation)
     train_pool: list[Example]
     test_pool: list[Example]
+    format: str = "classification"  # one of FORMATS
+    prefix: str = ""  # in-context demonstrations put before every prompt
+    separator: str = " "  # between a prompt and its continuation ("" after a prompt that ends in a newline)
 
     def prompt(self, example: Example) -> str:
-        return self.template.format(text=example.text)
+        return self.prefix + self.template.format(text=example.text)
+
+    def gold(self, example: Example) -> str:
+        """The right continuation of ``example``: its candidate, or its first answer."""
+        return example.answers[0] if self.format == "generation" else self.choices(example)[example.label]
+
+    def with_demonstrations(self, demonstrations: list[Example]) -> Task:
+        """The task with ``demonstrations`` (prompt and right continuation each) before every
+        prompt: in-context learning. A prompt too long for the model loses its oldest
+        demonstrations first, since the scorer keeps the end of a prompt."""
+        shown = "".join(f"{self.prompt(e)}{self.separator}{self.gold(e)}\n\n" for e in demonstrations)
+        return dataclasses.replace(self, prefix=self.prefix + shown)
+
+    def choices(self, example: Example) -> list[str]:
+        """The continuations scored for ``example``."""
+        return list(example.candidates) if example.candidates is not None else self.candidates
 
 
 @dataclass
@@ -89,6 +123,8 @@ def parse_candidates(spec) -> dict[str, str]:
 def build_task(config) -> Task:
     """The task named by ``config.task`` (a :class:`zotune.config.TrainConfig`)."""
     name = config.task
+    if name in BUILDERS:
+        return BUILDERS[name](config)
     if name == "rt-sst2":
         examples = _rt_sst2_examples()
         train_pool, test_pool = _fixed_split(examples)
@@ -99,6 +135,10 @@ def build_task(config) -> Task:
     if name in ("csv", "jsonl"):
         if not config.data:
             raise UserError(f"task {name} needs --data FILE (and --template, --candidates)")
+        if name == "jsonl" and not config.candidates:
+            own = _own_continuations(config)
+            if own is not None:
+                return own
         if not config.template or not config.candidates:
             raise UserError(f"task {name} needs --template (with {{text}}) and --candidates label=word,...")
         if "{text}" not in config.template:
@@ -111,6 +151,48 @@ def build_task(config) -> Task:
             train_pool, test_pool = _fixed_split(examples)
         return Task(name, config.template, list(mapping.values()), train_pool, test_pool)
     raise UserError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+
+
+def _own_continuations(config) -> Task | None:
+    """A JSON-lines file whose rows carry their own continuations: ``choices`` (a list) and
+    ``label`` (its index) for multiple choice, ``answers`` (a list) or ``answer`` for
+    generation; None for a classification file."""
+    files = [Path(config.data)] + ([Path(config.test_data)] if config.test_data else [])
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"data file {path} does not exist")
+    first = next(_jsonl_rows(files[0]), (0, {}))[1]
+    kind = "multiple_choice" if "choices" in first else "generation" if {"answers", "answer"} & set(first) else None
+    if kind is None:
+        return None
+    pools = []
+    for path in files:
+        examples = []
+        for line_number, row in _jsonl_rows(path):
+            where = f"{path}:{line_number}"
+            if not isinstance(row.get(config.text_column), str):
+                raise UserError(f"{where}: no text in column {config.text_column!r} (set --text-column)")
+            text, key = row[config.text_column].strip(), f"{path.name}:{line_number}"
+            if kind == "multiple_choice":
+                choices, label = row.get("choices"), row.get(config.label_column)
+                if not (isinstance(choices, list) and len(choices) >= 2 and isinstance(label, int)
+                        and 0 <= label < len(choices)):
+                    raise UserError(f"{where}: multiple choice needs 'choices' (2 or more) and {config.label_column!r} "
+                                    "(the index of the right one)")
+                examples.append(Example(key, text, label, candidates=tuple(str(c) for c in choices)))
+            else:
+                answers = row.get("answers", [row.get("answer")])
+                if not (isinstance(answers, list) and answers and all(isinstance(a, str) and a for a in answers)):
+                    raise UserError(f"{where}: generation needs 'answers' (a list of strings) or 'answer'")
+                examples.append(Example(key, text, -1, answers=tuple(answers)))
+        if not examples:
+            raise UserError(f"data file {path} holds no examples")
+        pools.append(examples)
+    train_pool, test_pool = (pools[0], pools[1]) if len(pools) == 2 else _fixed_split(pools[0])
+    template = config.template or ("{text}\nAnswer:" if kind == "generation" else "{text}")
+    if "{text}" not in template:
+        raise UserError(f"--template {template!r} must contain {{text}}")
+    return Task("jsonl", template, [], train_pool, test_pool, kind)
 
 
 def _words(default: dict, config) -> list[str]:
@@ -202,3 +284,10 @@ def _jsonl_rows(path: Path):
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{line_number}: expected a JSON object per line")
             yield line_number, row
+
+
+# The loaders of the paper's tasks and of the offline built-ins build on the classes above.
+from zotune import tasks_hub, tasks_offline  # noqa: E402
+
+BUILDERS = {**tasks_offline.BUILDERS, **tasks_hub.BUILDERS}
+TASKS = TASKS + tuple(name for name in BUILDERS if name not in TASKS)

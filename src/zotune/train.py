@@ -24,7 +24,7 @@ from zotune import checkpoint_modes, methods, models, tasks
 from zotune.checkpoint import find_checkpoint, write_checkpoint
 from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.errors import UserError
-from zotune.scoring import Scorer, evaluate
+from zotune.scoring import Scorer, evaluate, loss_function, metric_of
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
              "model", "adapter", "first_order.safetensors",
@@ -98,7 +98,10 @@ class Run:
         self.model = self.method.model
         self.checkpoints = checkpoint_modes.make(config.checkpoint, self.method, config.progress,
                                                  config.snapshot_every)
-        self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length)
+        self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length,
+                             config.max_new_tokens, self.task.separator)
+        self.metric = metric_of(self.task)  # accuracy, or token F1 for generation tasks
+        loss_function(self.scorer, self.task, [], config.objective)  # its refusals come before any training
         self.state = {"step": 0, "zero_shot": None, "dev": None, "train_seconds": 0.0}
         self._orders: dict[int, list[int]] = {}
         self._stop = False
@@ -175,11 +178,9 @@ class Run:
             handle.write(json.dumps(record) + "\n")
 
     def train_step(self, step: int) -> dict:
-        examples = self.batch(step)
-        prompts = [self.task.prompt(e) for e in examples]
-        labels = [e.label for e in examples]
+        loss_fn = loss_function(self.scorer, self.task, self.batch(step), self.config.objective)
         try:
-            record = self.method.step(lambda copies=None: self.scorer.loss(prompts, labels, copies))
+            record = self.method.step(loss_fn)
         except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
             raise UserError(str(error)) from None
         if not math.isfinite(record["loss"]):
@@ -196,8 +197,8 @@ class Run:
             config.save(self.out / "config.yaml")
             (self.out / "samples.json").write_text(json.dumps(self.split.ids()))
             if config.zero_shot:
-                self.state["zero_shot"] = self.evaluate(self.split.test, "zero-shot test")["accuracy"]
-                self.log({"step": 0, "test_accuracy": self.state["zero_shot"]})
+                self.state["zero_shot"] = self.evaluate(self.split.test, "zero-shot test")["score"]
+                self.log({"step": 0, f"test_{self.metric}": self.state["zero_shot"]})
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
         try:
             self._loop()
@@ -226,7 +227,7 @@ class Run:
                 record["peak_memory_mb"] = peak_memory_mb()
                 step = self.state["step"]
                 if config.eval_every and step % config.eval_every == 0 and self.split.dev:
-                    self.state["dev"] = record["dev_accuracy"] = self.evaluate(self.split.dev, "dev")["accuracy"]
+                    self.state["dev"] = record[f"dev_{self.metric}"] = self.evaluate(self.split.dev, "dev")["score"]
                 self.log(record)
                 postfix = {"loss": f"{record['loss']:.4f}"}
                 if self.state["dev"] is not None:
@@ -245,13 +246,14 @@ class Run:
         return evaluate(self.scorer, self.task, examples, self.config.eval_batch_size, desc, self.config.progress)
 
     def finish(self) -> dict:
-        test = self.evaluate(self.split.test, "test")["accuracy"]
+        test = self.evaluate(self.split.test, "test")["score"]
         self.method.flush()
         self.method.export(self.out, self.model, self.tokenizer)
         steps = self.state["step"]
         result = {
             "model": self.config.model, "task": self.config.task, "method": self.config.method, "steps": steps,
-            "zero_shot_accuracy": self.state["zero_shot"], "test_accuracy": test, "dev_accuracy": self.state["dev"],
+            "metric": self.metric, f"zero_shot_{self.metric}": self.state["zero_shot"], f"test_{self.metric}": test,
+            f"dev_{self.metric}": self.state["dev"],
             "n_test": len(self.split.test), "train_seconds": round(self.state["train_seconds"], 2),
             "examples_per_s": round(steps * self.config.batch_size / max(self.state["train_seconds"], 1e-9), 2),
             "peak_memory_mb": peak_memory_mb(),

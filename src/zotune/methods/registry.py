@@ -95,6 +95,8 @@ class Method:
     #: the :class:`zotune.MeZO` whose recorded steps rebuild the weights it trains (what a
     #: trajectory checkpoint replays); None for methods that train by gradients alone
     zeroth_order = None
+    #: True when :meth:`step` never differentiates the loss (non-differentiable objectives allowed)
+    gradient_free = False
 
     def __init__(self, model, config, seed: int = 0, steps: int = 1):
         self.model, self.config, self.seed, self.steps = model, config, seed, steps

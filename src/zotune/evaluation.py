@@ -10,21 +10,29 @@ from zotune import methods, models, tasks
 from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
+from zotune.methods.adapters import quiet_prefix_forward
 from zotune.scoring import Scorer, evaluate
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newer and older
 
 
-def evaluate_model(config: TrainConfig, adapter: str | None = None) -> dict:
-    """Test accuracy of ``config.model`` (plus an optional peft adapter) on the test sample of a run with this config."""
+def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0) -> dict:
+    """The task's metric for ``config.model`` (plus an optional peft adapter) on the test sample of a run with this
+    config; with ``icl`` K, each prompt follows K demonstrations drawn from that run's training sample."""
     model, tokenizer, kind = models.load(config.model, config.dtype, config.model_kind)
     if adapter:
         model = _with_adapter(model, adapter)
     task = tasks.build_task(config)
     split = tasks.sample(task, config.n_train, config.n_dev, config.n_test, config.seed)
-    scorer = Scorer(model, tokenizer, task.candidates, kind, config.max_length)
+    if icl:
+        if icl < 0 or icl > len(split.train):
+            raise UserError(f"--icl {icl}: choose 1 to --n-train ({len(split.train)}) demonstrations")
+        task = task.with_demonstrations(split.train[:icl])  # the training sample is already shuffled by the seed
+    scorer = Scorer(model, tokenizer, task.candidates, kind, config.max_length, config.max_new_tokens, task.separator)
     result = evaluate(scorer, task, split.test, config.eval_batch_size, "test", config.progress)
-    return {"model": config.model, "adapter": adapter, "task": config.task, "test_accuracy": result["accuracy"],
+    metric = result["metric"]
+    return {"model": config.model, "adapter": adapter, "task": config.task, "icl": icl, "metric": metric,
+            f"test_{metric}": result["score"], **({"test_em": result["em"]} if "em" in result else {}),
             "n_test": result["n"]}
 
 
@@ -83,7 +91,20 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
             message += "; bit-identical to the run's model" + note
         else:
             message += f"; max difference {max((a - b).abs().max().item() for a, b in pairs):.3g}"
+    elif all((place / ADAPTER_WEIGHTS[0]).is_file() for place in (folder / "adapter", target)):
+        message += _compare_adapters(target, folder / "adapter")  # an adapter trained alone (mezo --peft)
     return message
+
+
+def _compare_adapters(replayed: Path, exported: Path) -> str:
+    from safetensors.torch import load_file
+
+    a, b = load_file(replayed / ADAPTER_WEIGHTS[0]), load_file(exported / ADAPTER_WEIGHTS[0])
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return "; its tensors differ from the run's adapter (another peft version wrote it?)"
+    if all(torch.equal(a[k], b[k]) for k in a):
+        return "; bit-identical to the run's adapter"
+    return f"; max difference {max((a[k] - b[k]).abs().max().item() for k in a):.3g} from the run's adapter"
 
 
 def _run_config(run_dir: str) -> tuple[TrainConfig, Path]:
@@ -107,6 +128,6 @@ def _with_adapter(model, adapter: str):
     _check_adapter(Path(adapter))
     try:
         with models.quiet_peft():
-            return PeftModel.from_pretrained(model, adapter).eval()
+            return quiet_prefix_forward(PeftModel.from_pretrained(model, adapter).eval())
     except models.LOAD_ERRORS as error:  # what _check_adapter cannot see, such as a wrong value
         raise UserError(f"could not load the adapter {adapter}: {models.reason(error)}") from None

@@ -68,7 +68,7 @@ def test_old_distribution_key_and_flag_mean_direction(tmp_path):
         output=str(run))))
     config = cfg.from_mapping(cfg.load_run(run))
     assert (config.options.direction, config.options.stochastic_rounding) == ("rademacher", False)
-    resumed = resume_config(str(run), {"steps": 20, "lora_r": 4, "eps": 1e-3})  # lora_r: not mezo's; eps: unchanged
+    resumed = resume_config(str(run), {"steps": 20, "lr_base": 1e-3, "eps": 1e-3})  # lr_base: lmao's; eps: unchanged
     assert resumed.steps == 20 and resumed.options == config.options
     with pytest.raises(UserError, match="cannot change: direction, eps"):
         resume_config(str(run), {"direction": "gaussian", "eps": 1e-2})

@@ -21,8 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zotune
+from zotune.core.trajectory import Trajectory
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
+from zotune.methods.adapters import PeftOptions, add_adapters, adapter_parameters, by_mode
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import (ESTIMATORS, OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad,
                                  zo_options)
@@ -33,8 +35,10 @@ ORDERS = ("zo-first", "fo-first", "joint")
 HEADS = ("auto", "fo", "zo")
 
 
-def split_parameters(model, deep_blocks: int, blocks: str = "auto", head: str = "fo"):
-    """(shallow, deep) lists of (name, parameter), the shallow blocks (modules) and the module where autograd starts."""
+def split_parameters(model, deep_blocks: int, blocks: str = "auto", head: str = "fo", only=None):
+    """(shallow, deep) lists of (name, parameter), the shallow blocks (modules) and the module where autograd starts.
+
+    ``only``: the names of the parameters that train (an adapter's); default all."""
     layout = find_blocks(model, blocks)
     n = len(layout.blocks)
     if not 0 <= deep_blocks <= n:
@@ -47,7 +51,8 @@ def split_parameters(model, deep_blocks: int, blocks: str = "auto", head: str = 
     deep_sections = {f"block:{i}" for i in range(n - deep_blocks, n)} | ({"head"} if head == "fo" else set())
     shallow, deep = [], []
     for name, param in model.named_parameters():
-        (deep if sections[name] in deep_sections else shallow).append((name, param))
+        if only is None or name in only:
+            (deep if sections[name] in deep_sections else shallow).append((name, param))
     boundary = layout.blocks[n - deep_blocks][1] if deep_blocks else layout.head[0][1]
     return shallow, deep, [module for _, module in layout.blocks[: n - deep_blocks]], boundary
 
@@ -96,6 +101,7 @@ class HZO(Hybrid):
         direction: overrides the low-rank direction (a :class:`zotune.Direction` or a name).
         stacked, merge: as in :class:`zotune.MeZO` (``merge="resample"``: call ``zo.merge_factors()``
             before saving the weights).
+        only: the names of the parameters that train (a peft model's adapter); default all.
 
     ``shallow_blocks`` lists the zeroth-order blocks (modules), e.g. for
     :class:`zotune.engine.offload.Offload`, attached to the zeroth-order optimizer ``zo``.
@@ -110,7 +116,7 @@ class HZO(Hybrid):
                  order: str = "zo-first", weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  n_samples: int = 1, estimator: str = "spsa", seed: int = 0, stochastic_rounding: bool = True,
                  blocks: str = "auto", direction=None, stacked: bool = False, head: str = "auto",
-                 merge: str = "step"):
+                 merge: str = "step", only=None):
         if fo_every not in FO_EVERY:
             raise ValueError(f"fo_every must be one of {FO_EVERY}, got {fo_every!r}")
         if order not in ORDERS:
@@ -122,7 +128,7 @@ class HZO(Hybrid):
                              "fzoo estimator (--estimator one-sided), or another order")
         self.model, self.fo_every, self.order, self.max_grad_norm = model, fo_every, order, max_grad_norm
         self.interval = interval
-        shallow, deep, self.shallow_blocks, self.boundary = split_parameters(model, deep_blocks, blocks, head)
+        shallow, deep, self.shallow_blocks, self.boundary = split_parameters(model, deep_blocks, blocks, head, only)
         if not shallow:
             raise UserError("HZO needs at least one zeroth-order parameter: lower --deep-blocks")
         self.shallow = [p for _, p in shallow]
@@ -222,9 +228,12 @@ class HZO(Hybrid):
 
 
 @dataclass
-class HZOConfig(ZOConfig, OffloadOptions):
+class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     lr: float = option(1e-4, "first-order (AdamW) learning rate of the deep blocks and head (decayed linearly to 0)")
-    lr_zo: float = option(1e-6, "zeroth-order learning rate of the shallow blocks (constant)")
+    # None: the --peft mode's default (MeZO §1), set by __post_init__, so config.yaml holds the number used.
+    lr_zo: float | None = option(None, f"zeroth-order learning rate of the shallow blocks (constant; "
+                                 f"{by_mode('lr', ('none', 'lora'))})")
+    eps: float | None = option(None, f"perturbation scale ({by_mode('eps', ('none', 'lora'))})")
     direction: str = option("lowrank", "direction of the shallow part's perturbations: lowrank (U Vᵀ per matrix), "
                             "or dense gaussian or rademacher", choices=("lowrank", "gaussian", "rademacher"))
     deep_blocks: int = option(1, "k: the last k transformer blocks (with the final norm and head) train by first "
@@ -247,30 +256,38 @@ class HZOConfig(ZOConfig, OffloadOptions):
     max_grad_norm: float = option(1.0, "clipping of the first-order part's gradient norm")
 
     def __post_init__(self):
+        self.resolve(lr_zo="lr", eps="eps")
         super().__post_init__()
         check_non_negative(self, "lr_zo", "deep_blocks")
         check_positive(self, "max_grad_norm")
+        if self.peft == "prefix":
+            raise UserError("--peft prefix: hzo splits the model into shallow and deep blocks, but the prefix is one "
+                            "tensor over all layers; use --method mezo --peft prefix, or hzo --peft lora")
 
 
 class HZOMethod(Method):
     """Low-rank zeroth order on the shallow blocks, AdamW on the deepest.
 
-    The run exports ``model/``, the zeroth-order part's ``trajectory.json`` and the
-    first-order part's final weights (``first_order.safetensors``): ``zotune replay``
-    rebuilds the shallow part from the trajectory and restores the deep part from that file.
+    With --peft lora, both parts train their blocks' LoRA adapters alone (the base and the
+    head stay frozen). The run exports ``model/`` (with --peft lora: the peft ``adapter/``),
+    the zeroth-order part's ``trajectory.json`` and the first-order part's final weights
+    (``first_order.safetensors``): ``zotune replay`` rebuilds the shallow part from the
+    trajectory (an adapter from its seeded initial value) and restores the deep part from that file.
     """
 
-    replays = "model (shallow part from the trajectory, deep part from first_order.safetensors)"
+    replays = "model (shallow part from the trajectory, deep part from first_order.safetensors; with --peft: " \
+              "the adapter)"
 
     def __init__(self, model, config: HZOConfig, seed: int = 0, steps: int = 1):
-        super().__init__(model, config, seed, steps)
+        super().__init__(add_adapters(model, config, seed), config, seed, steps)
         options = zo_options(config)
         with settings_errors():
-            self.optimizer = HZO(model, deep_blocks=config.deep_blocks, lr_fo=config.lr, lr_zo=config.lr_zo,
+            self.optimizer = HZO(self.model, deep_blocks=config.deep_blocks, lr_fo=config.lr, lr_zo=config.lr_zo,
                                  interval=config.resample_every, fo_every=config.fo_every, order=config.order,
                                  weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
-                                 blocks=config.blocks, head=config.head, **options)
-        self.engine = offload_blocks(model, self.optimizer.zo, config, self.optimizer.shallow_blocks)
+                                 blocks=config.blocks, head=config.head, only=_adapter_names(self.model, config),
+                                 **options)
+        self.engine = offload_blocks(self.model, self.optimizer.zo, config, self.optimizer.shallow_blocks)
         self.zeroth_order = self.optimizer.zo
 
     def step(self, loss_fn) -> dict:
@@ -286,7 +303,9 @@ class HZOMethod(Method):
         return record
 
     def checkpoint_tensors(self) -> dict:
-        return {n: p.detach().contiguous() for n, p in self.model.named_parameters()}
+        trained = {id(p) for p in self.optimizer.shallow + self.optimizer.deep}  # the frozen base: not with --peft
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters()
+                if self.config.peft == "none" or id(p) in trained}
 
     def export(self, folder, model, tokenizer) -> None:
         merge_factors(self.engine, self.optimizer.zo)
@@ -294,11 +313,16 @@ class HZOMethod(Method):
         deep = {id(p) for p in self.optimizer.deep}
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in deep},
                   folder / "first_order.safetensors")
-        save_model(folder / "model", model, tokenizer)
+        if self.config.peft == "none":
+            save_model(folder / "model", model, tokenizer)
+        else:
+            model.save_pretrained(folder / "adapter")
 
     @classmethod
     def replay(cls, model, config: HZOConfig, trajectory):
-        shallow = split_parameters(model, config.deep_blocks, config.blocks, config.head)[0]
+        model = add_adapters(model, config, Trajectory.load(trajectory).seed)  # the run's initial adapter
+        shallow = split_parameters(model, config.deep_blocks, config.blocks, config.head,
+                                   _adapter_names(model, config))[0]
         for _, param in shallow:
             param.requires_grad_(True)
         zotune.replay(zotune.decay_groups(shallow, config.weight_decay), trajectory)
@@ -311,3 +335,8 @@ class HZOMethod(Method):
                 if name in saved:
                     param.copy_(saved[name])
         return model
+
+
+def _adapter_names(model, config: HZOConfig) -> set[str] | None:
+    """With --peft, the names of the adapter's parameters (what HZO trains); None: every parameter."""
+    return None if config.peft == "none" else {name for name, _ in adapter_parameters(model)}

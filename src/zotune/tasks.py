@@ -1,9 +1,12 @@
-"""Prompted classification tasks (MeZO protocol): loader + template + candidates + metric.
+"""Prompted tasks (MeZO protocol): loader + template + candidates + metric.
 
-A task turns labelled examples into prompts; the model scores each candidate
-continuation and predicts the best one. Built in: ``rt-sst2`` (Rotten Tomatoes
-sentences, offline), ``sst2`` (GLUE through ``datasets``, needs the hub) and
-``csv`` / ``jsonl`` (a user's own file).
+A task turns labelled examples into prompts in one of three formats: classification
+(the model scores each candidate word and predicts the best), multiple choice (each
+example has its own continuations) and generation (greedy answers, token F1). Built in:
+``rt-sst2`` (Rotten Tomatoes sentences, offline), the offline built-ins of
+:mod:`zotune.tasks_offline`, ``sst2`` (GLUE) and the MeZO paper's tasks of
+:mod:`zotune.tasks_hub` (through ``datasets``, need the hub), and ``csv`` / ``jsonl``
+(a user's own file).
 """
 
 from __future__ import annotations
@@ -195,8 +198,21 @@ def _own_continuations(config) -> Task | None:
     return Task("jsonl", template, [], train_pool, test_pool, kind)
 
 
+# How a user may name the two sentiment classes in --candidates (negative first).
+SST2_LABELS = (("0", "1"), ("neg", "pos"), ("negative", "positive"))
+
+
 def _words(default: dict, config) -> list[str]:
-    mapping = parse_candidates(config.candidates) if config.candidates else default
+    """The words of the negative and positive class: ``--candidates`` keyed 0/1, neg/pos or
+    negative/positive (in any order), or else taken in the order given."""
+    if not config.candidates:
+        return list(default.values())
+    mapping = parse_candidates(config.candidates)
+    if len(mapping) != 2:
+        raise UserError(f"task {config.task} has 2 classes: --candidates needs 2 label=word pairs, got {len(mapping)}")
+    for keys in SST2_LABELS:
+        if set(mapping) == set(keys):
+            return [mapping[key] for key in keys]
     return list(mapping.values())
 
 

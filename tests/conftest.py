@@ -94,3 +94,21 @@ def save_tiny_model(folder, family: str = "llama", masked: bool = False):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def stop_after(monkeypatch, steps):
+    """Ctrl-C after each 0-based step in ``steps`` (the signal handler only sets the flag),
+    however often the run is resumed; returns the unpatched ``Run.train_step``."""
+    import signal
+
+    from zotune.train import Run
+
+    original = Run.train_step
+
+    def step_then_stop(self, step):
+        record = original(self, step)
+        self._stop = signal.SIGINT if step in steps else False
+        return record
+
+    monkeypatch.setattr(Run, "train_step", step_then_stop)
+    return original

@@ -10,6 +10,7 @@ from zotune import cli
 from zotune.checkpoint import load_state, save_state
 from zotune.train import Run, train
 
+from .conftest import stop_after
 from .test_train import config, final_weights
 
 
@@ -41,14 +42,7 @@ class _Boom:
 
 def test_a_pickled_checkpoint_is_never_unpickled(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    original = Run.train_step
-
-    def stop_after_one(self, step):
-        record = original(self, step)
-        self._stop = signal.SIGINT
-        return record
-
-    monkeypatch.setattr(Run, "train_step", stop_after_one)
+    stop_after(monkeypatch, {0})
     with pytest.raises(Exception, match="--resume"):
         train(config(tiny_model_dir, out, method="mezo", lr=1e-2, zero_shot=False))
     checkpoint = out / "checkpoint"
@@ -89,14 +83,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tiny_model_dir, tmp_path,
 
 
 def _interrupted_run(tiny_model_dir, out, monkeypatch, method="mezo"):
-    original = Run.train_step
-
-    def stop_after_two(self, step):
-        record = original(self, step)
-        self._stop = signal.SIGINT if step == 1 else False
-        return record
-
-    monkeypatch.setattr(Run, "train_step", stop_after_two)
+    original = stop_after(monkeypatch, {1})
     with pytest.raises(Exception, match="--resume"):
         train(config(tiny_model_dir, out, method=method, lr=1e-2, zero_shot=False))
     monkeypatch.setattr(Run, "train_step", original)

@@ -1,5 +1,4 @@
 import os
-import signal
 
 import pytest
 import torch
@@ -7,24 +6,12 @@ from safetensors.torch import load_file
 
 from zotune.train import Run, train
 
+from .conftest import stop_after
 from .test_checkpoint import assert_one_line_error
 from .test_train import LRS, VARIANTS, config, final_weights
 
 # Factored low-rank updates merged every 2 steps: resume must rebuild the factors of the snapshot's interval.
 LOW_RANK = {"mezo-lowrank": ("mezo", {"direction": "lowrank", "merge": "resample", "resample_every": 2})}
-
-
-def _stop_at(monkeypatch, steps):
-    """Ctrl-C after each of ``steps`` (0-based), as many times as the run is resumed."""
-    original = Run.train_step
-
-    def stop(self, step):
-        record = original(self, step)
-        self._stop = signal.SIGINT if step in steps else False
-        return record
-
-    monkeypatch.setattr(Run, "train_step", stop)
-    return original
 
 
 @pytest.mark.parametrize("snapshot_every", [0, 3])
@@ -36,7 +23,7 @@ def test_trajectory_checkpoints_resume_bit_identically(tiny_model_dir, tmp_path,
     train(config(tiny_model_dir, straight, method=method, **options))
     out = tmp_path / "run"
     settings = dict(method=method, checkpoint="trajectory", snapshot_every=snapshot_every, save_every=1, **options)
-    original = _stop_at(monkeypatch, {1, 4})
+    original = stop_after(monkeypatch, {1, 4})
     with pytest.raises(Exception, match="--resume"):
         train(config(tiny_model_dir, out, **settings))
     checkpoint = out / "checkpoint"
@@ -61,7 +48,7 @@ def test_trajectory_resume_refuses_a_changed_model(tiny_model_dir, tmp_path, mon
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     out = tmp_path / "run"
-    _stop_at(monkeypatch, {1})
+    stop_after(monkeypatch, {1})
     with pytest.raises(Exception, match="--resume"):
         train(config(model, out, method="mezo", lr=1e-2, checkpoint="trajectory", zero_shot=False))
     weights = load_file(model / "model.safetensors")

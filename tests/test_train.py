@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from zotune.config import from_mapping
 from zotune.train import Interrupted, Run, resume_config, train
 
-from .conftest import DATA
+from .conftest import DATA, stop_after
 
 
 def config(model_dir, out, **extra):
@@ -52,14 +52,7 @@ def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_
 
     # Ctrl-C after step 2 (the signal handler only sets the flag), then --resume.
     interrupted = tmp_path / "interrupted"
-    original = Run.train_step
-
-    def stop_after_two(self, step):
-        record = original(self, step)
-        self._stop = step == 1
-        return record
-
-    monkeypatch.setattr(Run, "train_step", stop_after_two)
+    original = stop_after(monkeypatch, {1})
     with pytest.raises(Interrupted, match="--resume"):
         train(config(tiny_model_dir, interrupted, method=method, **options))
     assert (interrupted / "checkpoint").is_dir() and not (interrupted / "result.json").exists()

@@ -15,7 +15,7 @@ from zotune.errors import UserError
 from zotune.methods.adapters import add_adapters, init_prefix, prefix_weight
 from zotune.train import Interrupted, Run, resume_config, train
 
-from ..conftest import VOCAB, tiny_model
+from ..conftest import VOCAB, stop_after, tiny_model
 from ..test_train import config
 
 
@@ -182,14 +182,7 @@ def test_run_exports_the_adapter_evaluates_resumes_and_replays(tiny_model_dir, t
 
     # Interrupted after step 2, resumed: bit-identical adapter and metrics.
     interrupted = tmp_path / "interrupted"
-    original = Run.train_step
-
-    def stop_after_two(self, step):
-        record = original(self, step)
-        self._stop = step == 1
-        return record
-
-    monkeypatch.setattr(Run, "train_step", stop_after_two)
+    original = stop_after(monkeypatch, {1})
     with pytest.raises(Interrupted):
         train(config(tiny_model_dir, interrupted, **options))
     monkeypatch.setattr(Run, "train_step", original)

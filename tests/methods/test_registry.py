@@ -12,6 +12,7 @@ from zotune.errors import UserError
 from zotune.methods import Method, MethodConfig, option
 from zotune.train import Interrupted, Run, resume_config, train
 
+from ..conftest import stop_after
 from ..test_cli import CSV_TASK
 
 
@@ -70,14 +71,7 @@ def test_a_registered_method_trains_resumes_and_evaluates(toy, tiny_model_dir, t
     assert cli.main(["eval", "--run", str(straight), "--no-progress"]) == 0
 
     interrupted = tmp_path / "interrupted"
-    original = Run.train_step
-
-    def stop_after_one(self, step):
-        record = original(self, step)
-        self._stop = True
-        return record
-
-    monkeypatch.setattr(Run, "train_step", stop_after_one)
+    original = stop_after(monkeypatch, {0})
     with pytest.raises(Interrupted):
         train(cfg.from_mapping({**saved, "output": str(interrupted)}))
     monkeypatch.setattr(Run, "train_step", original)

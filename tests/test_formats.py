@@ -112,6 +112,24 @@ def test_objectives_accuracy_and_f1_are_minus_the_metric(tiny):
         loss_function(scorer, gen, batch, "accuracy")
 
 
+def test_every_right_choice_counts_in_the_metric_and_the_accuracy_objective(tiny):
+    model, tokenizer, kind = tiny
+    scorer = Scorer(model, tokenizer, [], kind)
+    task = choice_task()
+    batch = task.train_pool[:6]
+    with torch.no_grad():
+        predicted = scorer.scores([task.prompt(e) for e in batch], choices=[task.choices(e) for e in batch]).argmax(1)
+    # Each example also accepts the prediction, when the label is not it: all are right.
+    accepting = [tasks.Example(e.id, e.text, e.label, e.candidates, also_right=(p,) if p != e.label else ())
+                 for e, p in zip(batch, predicted.tolist())]
+    assert any(e.also_right for e in accepting)
+    assert evaluate(scorer, task, accepting, progress=False)["accuracy"] == 1.0
+    with torch.no_grad():
+        assert torch.equal(loss_function(scorer, task, accepting, "accuracy")(2), torch.tensor([-1.0, -1.0]))
+        # Cross-entropy still trains on the label alone.
+        assert torch.equal(loss_function(scorer, task, accepting)(), loss_function(scorer, task, batch)())
+
+
 def test_demonstrations_come_before_every_prompt():
     task = choice_task()
     shown = task.with_demonstrations(task.train_pool[:2])

@@ -173,6 +173,12 @@ def test_record_fills_the_placeholder_with_each_entity(hub):
         "Shares of Apple climbed after the event"
     assert examples["validation-2"].candidates[examples["validation-2"].label] == \
         "Residents of Oklahoma were told to stay indoors"
+    # The other gold entities count as right when scoring.
+    apple = examples["validation-0"]
+    assert [apple.candidates[i] for i in apple.also_right] == ["Shares of Apple Inc. climbed after the event"]
+    assert examples["validation-2"].is_right(examples["validation-2"].candidates.index(
+        "Residents of Texas were told to stay indoors"))
+    assert examples["validation-1"].also_right == ()
     assert "validation-3" not in examples  # its answer is no entity: nothing to score
 
 

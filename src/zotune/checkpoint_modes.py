@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from zotune.checkpoint import current_checkpoint, link_or_copy, load_state, manifest_digests, save_state
 from zotune.core.trajectory import TrajectoryStep
+from zotune.engine.sharding import full
 from zotune.errors import UserError
 
 MODES = ("full", "trajectory")
@@ -101,9 +102,9 @@ class Trajectory(Full):
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for key, param in self.keyed.items():
+        for key, param in self.keyed.items():  # a sharded weight is gathered: a collective, on every rank
             digest.update(key.encode())
-            digest.update(param.detach().reshape(-1).cpu().view(torch.uint8).numpy())
+            digest.update(full(param).detach().reshape(-1).cpu().view(torch.uint8).numpy())
         return digest.hexdigest()
 
     def start(self) -> None:

@@ -8,6 +8,7 @@ import sys
 
 import zotune
 from zotune import config as cfg, methods
+from zotune.engine import distributed
 from zotune.errors import UserError
 from zotune.train import Interrupted, resume_config, train
 
@@ -33,7 +34,8 @@ def cmd_train(args) -> int:
     if unused:  # accepted (one flat namespace for all methods), but the user should know they change nothing
         print(f"zotune: note: {config.method} does not use {', '.join(unused)}", file=sys.stderr)
     result = train(config, resume=bool(args.resume))
-    print(summary(result, config.output))
+    if distributed.rank() == 0:
+        print(summary(result, config.output))
     return 0
 
 
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as error:
-        print(f"zotune: error: {error}", file=sys.stderr)
+        rank = distributed.rank()
+        print(f"zotune: error{f' (rank {rank})' if rank else ''}: {error}", file=sys.stderr)
         return 2
     except Interrupted as error:
         print(f"zotune: {error}", file=sys.stderr)

@@ -26,7 +26,7 @@ from zotune.methods.registry import check_choices, check_non_negative, check_pos
 # config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
-FORMAT = 2  # 2: objective, max_new_tokens, the peft options of mezo and hzo
+FORMAT = 3  # 2: objective, max_new_tokens, the peft options of mezo and hzo; 3: parallel, shard
 
 
 def _opt(default, help, **extra):
@@ -69,6 +69,9 @@ class TrainConfig:
     snapshot_every: int = _opt(0, "--checkpoint trajectory: also store the zeroth-order weights every N steps, so "
                                "that resume replays at most N steps (0: never; resume replays from the initial "
                                "model)")
+    parallel: str = _opt("data", "with several processes (torchrun): data (each process evaluates its slice of the "
+                         "batch) or perturbations (each process evaluates its own --n-samples directions on the "
+                         "whole batch)", choices=("data", "perturbations"))
     seed: int = _opt(0, "seed for sampling the data, the data order, the LoRA init and the directions")
     output: str = _opt("runs/latest", "run folder")
     overwrite: bool = _opt(False, "replace a finished or interrupted run in --output")
@@ -93,6 +96,10 @@ class TrainConfig:
         if self.objective != "loss" and not entry.method.gradient_free:
             raise UserError(f"--objective {self.objective} has no gradient: it needs a zeroth-order method that uses "
                             f"no gradients (mezo), not {self.method}")
+        if getattr(self.options, "shard", False) and (self.checkpoint != "trajectory" or self.snapshot_every
+                                                        or self.objective == "f1"):
+            raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
+                            "--snapshot-every), and an objective other than f1 (greedy decoding is not sharded)")
         check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens")
         check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every")
 

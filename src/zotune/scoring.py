@@ -81,12 +81,17 @@ class Scorer:
         each = F.cross_entropy(self.scores(prompts, copies, choices), labels.repeat(copies), reduction="none")
         return each.view(copies, len(prompts)).mean(1)
 
-    def accuracy_loss(self, prompts: list[str], labels: list[int], copies: int | None = None,
+    def accuracy_loss(self, prompts: list[str], right: list[list[int]], copies: int | None = None,
                       choices: list[list[str]] | None = None) -> torch.Tensor:
-        """Minus the minibatch accuracy (a zeroth-order objective: no gradient needed)."""
-        predicted = self.scores(prompts, copies or 1, choices).argmax(1).view(copies or 1, len(prompts))
-        right = (predicted == torch.tensor(labels, device=predicted.device)).float().mean(1)
-        return -right if copies is not None else -right[0]
+        """Minus the minibatch accuracy (a zeroth-order objective: no gradient needed);
+        ``right[i]`` lists the candidates that count as right for prompt i."""
+        scores = self.scores(prompts, copies or 1, choices)
+        predicted = scores.argmax(1).view(copies or 1, len(prompts))
+        is_right = torch.zeros(len(prompts), scores.shape[1], dtype=torch.bool, device=predicted.device)
+        for row, columns in enumerate(right):
+            is_right[row, columns] = True
+        hits = is_right.gather(1, predicted.T).T.float().mean(1)
+        return -hits if copies is not None else -hits[0]
 
     def answer_loss(self, prompts: list[str], answers: list[str], copies: int | None = None) -> torch.Tensor:
         """Generation tasks: the mean negative log-likelihood of each answer's tokens (and the
@@ -206,10 +211,15 @@ def metric_of(task) -> str:
 
 
 @torch.no_grad()
-def evaluate(scorer: Scorer, task, examples, batch_size: int = 32, desc: str = "eval", progress: bool = True) -> dict:
+def evaluate(scorer: Scorer, task, examples, batch_size: int = 32, desc: str = "eval", progress: bool = True,
+             parallel=None) -> dict:
     """The task's metric on ``examples``: ``{"metric", "score", "n"}`` plus the metric by name
     (accuracy of argmax-candidate predictions; for generation tasks token F1 and exact match
-    ``em`` of greedy answers)."""
+    ``em`` of greedy answers). With ``parallel`` (a multi-process run) each rank scores its
+    share of the examples and every rank gets the totals."""
+    n = len(examples)
+    if parallel is not None:
+        examples = examples[parallel.rank::parallel.world]
     was_training = scorer.model.training
     scorer.model.eval()
     totals = {"accuracy": 0.0} if task.format != "generation" else {"f1": 0.0, "em": 0.0}
@@ -224,12 +234,14 @@ def evaluate(scorer: Scorer, task, examples, batch_size: int = 32, desc: str = "
                 continue
             choices = [task.choices(e) for e in batch] if task.format == "multiple_choice" else None
             predictions = scorer.scores(prompts, choices=choices).argmax(1).tolist()
-            totals["accuracy"] += sum(int(p == e.label) for p, e in zip(predictions, batch))
+            totals["accuracy"] += sum(int(e.is_right(p)) for p, e in zip(predictions, batch))
     finally:
         scorer.model.train(was_training)
-    result = {name: value / max(1, len(examples)) for name, value in totals.items()}
+    if parallel is not None:
+        totals = dict(zip(totals, parallel.sum(list(totals.values()))))
+    result = {name: value / max(1, n) for name, value in totals.items()}
     metric = metric_of(task)
-    return {"metric": metric, "score": result[metric], "n": len(examples), **result}
+    return {"metric": metric, "score": result[metric], "n": n, **result}
 
 
 OBJECTIVES = ("loss", "accuracy", "f1")
@@ -258,7 +270,9 @@ def loss_function(scorer: Scorer, task, examples, objective: str = "loss"):
     if objective == "f1":
         raise UserError(f"--objective f1 needs a generation task; {task.name} has candidates: use --objective "
                         "accuracy")
-    labels = [e.label for e in examples]
     choices = [task.choices(e) for e in examples] if task.format == "multiple_choice" else None
-    score = scorer.accuracy_loss if objective == "accuracy" else scorer.loss
-    return lambda copies=None: score(prompts, labels, copies, choices)
+    if objective == "accuracy":
+        right = [[e.label, *e.also_right] for e in examples]
+        return lambda copies=None: scorer.accuracy_loss(prompts, right, copies, choices)
+    labels = [e.label for e in examples]
+    return lambda copies=None: scorer.loss(prompts, labels, copies, choices)

@@ -39,7 +39,8 @@ class Example:
 
     * classification: ``label`` indexes the task's candidates;
     * multiple choice: ``candidates`` are this example's own continuations and ``label``
-      indexes them;
+      indexes them (the training target); ``also_right`` indexes other candidates that count
+      as right when scoring (ReCoRD names one gold entity in several ways);
     * generation: ``answers`` are the gold answers (the first is the training target) and
       ``label`` is -1.
     """
@@ -49,6 +50,10 @@ class Example:
     label: int
     candidates: tuple[str, ...] | None = None
     answers: tuple[str, ...] = ()
+    also_right: tuple[int, ...] = ()
+
+    def is_right(self, choice: int) -> bool:
+        return choice == self.label or choice in self.also_right
 
 
 @dataclass

@@ -118,7 +118,8 @@ def _record(row):
     correct = [entities.index(a) for a in row["answers"] if a in entities]
     if not correct:  # no gold entity among the candidates: the example can be neither trained nor scored
         return None
-    return text, tuple(row["query"].replace("@placeholder", e) for e in entities), correct[0]
+    # Trained on the first gold entity (as the reference code); any of them scores as right.
+    return text, tuple(row["query"].replace("@placeholder", e) for e in entities), correct[0], tuple(correct[1:])
 
 
 MULTIPLE_CHOICE = {"copa": _copa, "record": _record}
@@ -176,7 +177,11 @@ def build(name: str, config):
 
             def convert(row):
                 made = make(row)
-                return None if made is None else {"text": made[0], "candidates": made[1], "label": int(made[2])}
+                if made is None:
+                    return None
+                text, candidates, label, *also_right = made
+                return {"text": text, "candidates": candidates, "label": int(label),
+                        "also_right": also_right[0] if also_right else ()}
 
             template, kind = _template(name, "{text}", config), "multiple_choice"
         else:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from zotune import checkpoint_modes, methods, models, tasks
 from zotune.checkpoint import find_checkpoint, write_checkpoint
 from zotune.config import TrainConfig, from_mapping, load_run
+from zotune.engine import distributed
 from zotune.errors import UserError
 from zotune.scoring import Scorer, evaluate, loss_function, metric_of
 
@@ -30,7 +31,7 @@ RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "chec
              "model", "adapter", "first_order.safetensors",
              "trajectory.json", "result.json")
 # Options that may change when a run is resumed; everything else must match the saved config.
-RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "snapshot_every", "progress", "output")
+RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "snapshot_every", "progress", "output", "parallel")
 
 
 class Interrupted(Exception):
@@ -46,12 +47,17 @@ class Interrupted(Exception):
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
-def prepare_output(config: TrainConfig, overwrite: bool) -> Path:
+def prepare_output(config: TrainConfig, overwrite: bool, parallel=None) -> Path:
     out = Path(config.output)
+    if (out / "config.yaml").exists() and not overwrite:
+        raise UserError(f"{out} holds another run: pass --resume {out} to continue it, "
+                        "--overwrite to replace it, or another --output")
+    if parallel is not None:  # every rank has checked before rank 0 changes anything; then only rank 0 does
+        parallel.barrier()
+        if not parallel.main:
+            parallel.barrier()
+            return out
     if (out / "config.yaml").exists():
-        if not overwrite:
-            raise UserError(f"{out} holds another run: pass --resume {out} to continue it, "
-                            "--overwrite to replace it, or another --output")
         for name in RUN_FILES:
             target = out / name
             if target.is_dir():
@@ -65,6 +71,8 @@ def prepare_output(config: TrainConfig, overwrite: bool) -> Path:
     except OSError as error:
         raise UserError(f"cannot write the run folder {out} ({error.strerror or error}): choose another --output") \
             from None
+    if parallel is not None:
+        parallel.barrier()
     return out
 
 
@@ -83,8 +91,12 @@ def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
 
 
 class Run:
-    def __init__(self, config: TrainConfig, resume: bool):
-        self.config, self.resume = config, resume
+    def __init__(self, config: TrainConfig, resume: bool, parallel: distributed.Parallel | None = None):
+        self.config, self.resume, self.parallel = config, resume, parallel
+        self.main = parallel is None or parallel.main  # the rank that writes files, logs and progress bars
+        self.progress = config.progress and self.main
+        if parallel is not None:
+            parallel.check_batch(config.batch_size)
         self.out = Path(config.output)
         # The data first: its mistakes should not wait for a model to load.
         self.task = tasks.build_task(config)
@@ -96,7 +108,10 @@ class Run:
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model
-        self.checkpoints = checkpoint_modes.make(config.checkpoint, self.method, config.progress,
+        self.method.distribute(parallel)
+        # A sharded model's forwards are collectives: every rank scores every example, in step.
+        self.eval_parallel = None if getattr(config.options, "shard", False) else parallel
+        self.checkpoints = checkpoint_modes.make(config.checkpoint, self.method, self.progress,
                                                  config.snapshot_every)
         self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length,
                              config.max_new_tokens, self.task.separator)
@@ -140,7 +155,13 @@ class Run:
             (folder / "progress.json").write_text(json.dumps(self.state))
             return self.checkpoints.fill(folder, self.state["step"])
 
-        write_checkpoint(self.out, fill)
+        if self.main:  # every rank holds the same weights and optimizer state
+            write_checkpoint(self.out, fill)
+        self._barrier()
+
+    def _barrier(self):
+        if self.parallel is not None:
+            self.parallel.barrier()
 
     def load_checkpoint(self):
         if (self.out / "result.json").exists():
@@ -150,6 +171,9 @@ class Run:
             raise UserError(f"the run in {self.out} has no checkpoint to resume from; use --overwrite to restart it")
         self.checkpoints.restore(folder)
         self.state = json.loads((folder / "progress.json").read_text())
+        if not self.main:
+            self._barrier()  # rank 0 tidies metrics.jsonl meanwhile
+            return
         # A hard kill after a periodic checkpoint leaves rows of steps that will run again.
         metrics = self.out / "metrics.jsonl"
         rows = metrics.read_bytes().decode(errors="replace").splitlines(keepends=True) if metrics.is_file() else []
@@ -170,15 +194,21 @@ class Run:
         if lost:  # a log cut shorter than any kill leaves it: the weights are safe, the history is not
             print(f"zotune: warning: {metrics} lacks the rows of {lost} steps before the checkpoint (the file was "
                   "cut or emptied); the run goes on", file=sys.stderr)
+        self._barrier()
 
     # -- the loop --------------------------------------------------------------
 
     def log(self, record: dict):
+        if not self.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def train_step(self, step: int) -> dict:
-        loss_fn = loss_function(self.scorer, self.task, self.batch(step), self.config.objective)
+        batch = self.batch(step)
+        if self.parallel is not None:
+            batch = self.parallel.batch_slice(batch)
+        loss_fn = loss_function(self.scorer, self.task, batch, self.config.objective)
         try:
             record = self.method.step(loss_fn)
         except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
@@ -194,8 +224,9 @@ class Run:
             self.load_checkpoint()
         else:
             self.checkpoints.start()
-            config.save(self.out / "config.yaml")
-            (self.out / "samples.json").write_text(json.dumps(self.split.ids()))
+            if self.main:
+                config.save(self.out / "config.yaml")
+                (self.out / "samples.json").write_text(json.dumps(self.split.ids()))
             if config.zero_shot:
                 self.state["zero_shot"] = self.evaluate(self.split.test, "zero-shot test")["score"]
                 self.log({"step": 0, f"test_{self.metric}": self.state["zero_shot"]})
@@ -214,7 +245,7 @@ class Run:
 
     def _loop(self):
         config = self.config
-        bar = tqdm(total=config.steps, initial=self.state["step"], desc=f"{config.method}", disable=not config.progress,
+        bar = tqdm(total=config.steps, initial=self.state["step"], desc=f"{config.method}", disable=not self.progress,
                    dynamic_ncols=True)
         with bar:
             while self.state["step"] < config.steps:
@@ -234,6 +265,8 @@ class Run:
                     postfix["dev"] = f"{self.state['dev']:.3f}"
                 bar.set_postfix(postfix)
                 bar.update(1)
+                if self.parallel is not None:  # a signal seen by any rank stops every rank after this step
+                    self._stop = self.parallel.agree(int(self._stop))
                 if self._stop or (config.save_every and step % config.save_every == 0):
                     self.save_checkpoint()
                 if self._stop:
@@ -243,12 +276,15 @@ class Run:
                                       f"zotune train --resume {self.out}", signum)
 
     def evaluate(self, examples, desc) -> dict:
-        return evaluate(self.scorer, self.task, examples, self.config.eval_batch_size, desc, self.config.progress)
+        return evaluate(self.scorer, self.task, examples, self.config.eval_batch_size, desc, self.progress,
+                        self.eval_parallel)
 
     def finish(self) -> dict:
         test = self.evaluate(self.split.test, "test")["score"]
         self.method.flush()
-        self.method.export(self.out, self.model, self.tokenizer)
+        self.method.prepare_export()
+        if self.main:
+            self.method.export(self.out, self.model, self.tokenizer)
         steps = self.state["step"]
         result = {
             "model": self.config.model, "task": self.config.task, "method": self.config.method, "steps": steps,
@@ -258,9 +294,11 @@ class Run:
             "examples_per_s": round(steps * self.config.batch_size / max(self.state["train_seconds"], 1e-9), 2),
             "peak_memory_mb": peak_memory_mb(),
         }
-        (self.out / "result.json").write_text(json.dumps(result, indent=2))
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.partial"):
-            shutil.rmtree(self.out / name, ignore_errors=True)
+        if self.main:
+            (self.out / "result.json").write_text(json.dumps(result, indent=2))
+            for name in ("checkpoint", "checkpoint.old", "checkpoint.partial"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+        self._barrier()
         return result
 
 
@@ -273,11 +311,15 @@ def peak_memory_mb() -> float:
 
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
-    """Runs (or resumes) a fine-tuning run described by ``config``; returns ``result.json``'s content."""
+    """Runs (or resumes) a fine-tuning run described by ``config``; returns ``result.json``'s content.
+
+    Under torchrun (or an initialised process group) every process runs it: see
+    :mod:`zotune.engine.distributed`; only rank 0 writes the run folder."""
+    parallel = distributed.setup(config.parallel)
     if not resume:
-        prepare_output(config, config.overwrite)
+        prepare_output(config, config.overwrite, parallel)
     devices = list(range(torch.cuda.device_count()))
     # The run owns its RNG stream (dropout, LoRA init) without disturbing the caller's.
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        return Run(config, resume).run()
+        return Run(config, resume, parallel).run()

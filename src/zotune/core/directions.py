@@ -38,6 +38,22 @@ def _flat(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(-1) if weight.is_contiguous() else weight.detach().contiguous().view(-1)
 
 
+def local_part(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The elements of ``param`` this process holds and the flat index of the first: all of
+    an ordinary tensor; a contiguous run of rows of one sharded by rows (FSDP2's DTensor)."""
+    placements = getattr(param, "placements", None)
+    if placements is None:
+        return param, 0
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise ValueError(f"zeroth order supports parameters sharded by rows (Shard(0)), not {placements}")
+    local, rows = param.to_local(), param.shape[0]
+    chunk = -(-rows // param.device_mesh.size())  # torch.chunk's split: equal rows, the last ranks shorter
+    first = min(param.device_mesh.get_local_rank() * chunk, rows)
+    if local.shape[0] != min(chunk, rows - first):
+        raise ValueError(f"unexpected shard of {tuple(param.shape)}: {tuple(local.shape)} from row {first}")
+    return local, first * (param.numel() // rows if rows else 0)
+
+
 class Direction:
     """The protocol; see the module docstring. Subclasses set ``spec``."""
 
@@ -94,9 +110,10 @@ class Dense(Direction):
                                            self.distribution, eps)
         return out
 
-    def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed):
+    def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed, start: int = 0):
+        """``start``: the flat index of ``weight``'s first element in its parameter (a shard's offset)."""
         flat = _flat(weight)
-        self._kernels(weight.device).update(flat, 0, [d.seed for d in draws], list(coeffs), self.key_hash(key),
+        self._kernels(weight.device).update(flat, start, [d.seed for d in draws], list(coeffs), self.key_hash(key),
                                           self.distribution, lr, weight_decay, rounding_seed)
         if flat.data_ptr() != weight.data_ptr():
             weight.detach().copy_(flat.view_as(weight))

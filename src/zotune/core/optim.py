@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from zotune.core import directions, estimate, kernels
-from zotune.core.directions import Draw
+from zotune.core.directions import Draw, local_part
 from zotune.core.factored import FactoredUpdates
 from zotune.core.perturb import Perturbation, PerturbedParam, StackedPerturbation
 from zotune.core.rng import derive_seed, rounding_seed
@@ -76,11 +76,14 @@ class MeZO(torch.optim.Optimizer):
             updates of low-rank matrices stay an m×r factor applied on the layer's output
             until V is redrawn (:mod:`zotune.core.factored`). Call :meth:`merge_factors`
             before reading the weights themselves (saving a model).
+        parallel: a :class:`zotune.engine.distributed.Parallel` when several processes share
+            the step: one all-reduce of the step's losses (data mode: the closure's loss is
+            the rank's slice's; perturbation mode: each rank evaluates its own samples).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_samples: int = 1,
                  estimator: str = "spsa", direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
-                 stacked: bool = False, merge: str = "step"):
+                 stacked: bool = False, merge: str = "step", parallel=None):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
@@ -100,6 +103,9 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"estimator {estimator!r} needs n_samples >= {self.estimator.min_samples}")
         self.n_samples, self.seed, self.stochastic_rounding = n_samples, seed, bool(stochastic_rounding)
         self.stacked = bool(stacked)
+        self.parallel = parallel
+        # Sharded parameters: the gathered parameter a forward reads instead (zotune.engine.sharding).
+        self.forward_aliases: dict[int, torch.Tensor] = {}
         self.steps_done = 0
         self._pending: TrajectoryStep | None = None
         self._history: list[TrajectoryStep] = []
@@ -141,7 +147,7 @@ class MeZO(torch.optim.Optimizer):
             direction = self._direction(group["direction"])
             for param, key in zip(group["params"], group["keys"]):
                 if param.requires_grad:
-                    active.append(PerturbedParam(param, key, direction))
+                    active.append(PerturbedParam(self.forward_aliases.get(id(param), param), key, direction))
                 else:
                     skipped.append(key)
         return active, skipped
@@ -170,8 +176,9 @@ class MeZO(torch.optim.Optimizer):
 
     def _evaluate_stacked(self, closure, active, plan):
         if frozenset(id(item.param) for item in active) not in self._read_outside:
-            first = next(draw for draw, _ in plan if draw is not None)
-            self._evaluate(lambda: closure(1), active, first, plan[0][1])  # the probe, once
+            first = next(((draw, scale) for draw, scale in plan if draw is not None), None)
+            if first is not None:
+                self._evaluate(lambda: closure(1), active, *first)  # the probe, once
         if any(self._read_outside.values()):
             raise ValueError("stacked evaluation cannot perturb parameters read outside their modules; "
                              "use stacked=False")
@@ -212,20 +219,27 @@ class MeZO(torch.optim.Optimizer):
         active, skipped = self._active()
         eps = self._eps()
         seeds = [derive_seed(self.seed, self.steps_done, j) for j in range(self.n_samples)]
+        samples = [sample for sample, _ in self.estimator.plan(self.n_samples)]
         plan = [(None if sample is None else Draw(self.seed, self.steps_done, seeds[sample]), sign * eps)
                 for sample, sign in self.estimator.plan(self.n_samples)]
         known = unperturbed_loss is not None and plan[0][0] is None
         if unperturbed_loss is not None and not known:
             raise ValueError(f"the {self.estimator.name} estimator does not evaluate the unperturbed point")
+        parallel = self.parallel
+        todo = [i for i in range(known, len(plan)) if parallel is None or parallel.evaluates(samples[i])]
+        losses = [0.0] * len(plan)
         with torch.no_grad():
             if self.stacked:
-                losses = self._evaluate_stacked(closure, active, plan[known:])
+                evaluated = self._evaluate_stacked(closure, active, [plan[i] for i in todo]) if todo else []
             else:
-                losses = [self._evaluate(closure, active, draw, scale) for draw, scale in plan[known:]]
+                evaluated = [self._evaluate(closure, active, *plan[i]) for i in todo]
+        for i, loss in zip(todo, evaluated):
+            losses[i] = loss
         if known:
-            losses = [unperturbed_loss.detach() if isinstance(unperturbed_loss, torch.Tensor) else unperturbed_loss,
-                      *losses]
-        values = _to_floats(losses)  # the step's one host synchronisation
+            losses[0] = unperturbed_loss.detach() if isinstance(unperturbed_loss, torch.Tensor) else unperturbed_loss
+        if parallel is not None:  # a point another rank owns counts there alone
+            losses = [loss if parallel.contributes(sample) else 0.0 for loss, sample in zip(losses, samples)]
+        values = _to_floats(losses, parallel)  # the step's one host synchronisation (and all-reduce)
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(f"the closure returned a non-finite loss ({values}) at step {self.steps_done}; "
                                      "lower lr or eps, or use float32/bfloat16")
@@ -286,7 +300,13 @@ class MeZO(torch.optim.Optimizer):
                     if self._factored.update(param, key, direction, record.step, draws, coeffs, lr, half_rounding):
                         written.add(id(param))
                 else:
-                    direction.update_(param, key, draws, coeffs, lr, wd, half_rounding)
+                    held, start = local_part(param)
+                    if held is param:
+                        direction.update_(param, key, draws, coeffs, lr, wd, half_rounding)
+                    elif not isinstance(direction, directions.Dense):
+                        raise ValueError(f"{key} is sharded: use dense directions (gaussian or rademacher)")
+                    elif held.numel():  # this rank's rows, with the unsharded run's z there
+                        direction.update_(held, key, draws, coeffs, lr, wd, half_rounding, start=start)
                     written.add(id(param))
         return written
 
@@ -395,13 +415,15 @@ class MeZO(torch.optim.Optimizer):
             self._rebuild_factors()
 
 
-def _to_floats(losses) -> list[float]:
+def _to_floats(losses, parallel=None) -> list[float]:
     tensors = [loss for loss in losses if isinstance(loss, torch.Tensor)]
-    if not tensors:
+    if not tensors and parallel is None:
         return [float(loss) for loss in losses]
-    device = tensors[0].device
+    device = tensors[0].device if tensors else torch.device("cpu")
     stacked = torch.stack([loss.detach().reshape(()).to(device, torch.float64) if isinstance(loss, torch.Tensor)
                            else torch.tensor(float(loss), dtype=torch.float64, device=device) for loss in losses])
+    if parallel is not None:
+        stacked = parallel.combine_losses(stacked)
     return stacked.tolist()
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 import zotune
+from zotune.engine.distributed import average_gradients
 from zotune.methods.registry import Method, MethodConfig, check_positive, option
 from zotune.models import add_lora
 
@@ -37,8 +38,9 @@ class FT(Method):
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
+        value = average_gradients(self.parallel, self.model.parameters(), loss.detach())
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"loss": value, "lr": self.optimizer.param_groups[0]["lr"]}
 
 
 @dataclass

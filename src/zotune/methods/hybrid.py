@@ -9,6 +9,15 @@ class Hybrid:
     zo = None  # a zotune.MeZO
 
     @property
+    def parallel(self):
+        """The zotune.engine.distributed.Parallel of a multi-process run (the zeroth-order part's)."""
+        return self.zo.parallel
+
+    @parallel.setter
+    def parallel(self, parallel) -> None:
+        self.zo.parallel = parallel
+
+    @property
     def steps_done(self) -> int:
         return self.zo.steps_done
 

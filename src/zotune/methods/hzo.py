@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zotune
+from zotune.engine.distributed import average_gradients
 from zotune.core.trajectory import Trajectory
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
@@ -206,6 +207,7 @@ class HZO(Hybrid):
             param.grad = grad
 
     def _apply_gradients(self, loss: torch.Tensor) -> None:
+        loss = average_gradients(self.parallel, self.deep, loss)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.deep, self.max_grad_norm)
         self.fo.step()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import zotune
+from zotune.engine.distributed import average_gradients
 from zotune.methods.first_order import LoRAConfig
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import ZOConfig, projected_grad, zo_options
@@ -83,11 +84,11 @@ class LMAO(Hybrid):
         with torch.enable_grad():
             loss = closure()
         loss.backward()
+        value = average_gradients(self.parallel, self.adapters, loss.detach())
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.adapters, self.max_grad_norm)
         self.fo.step()
         self.fo.zero_grad(set_to_none=True)  # no gradient is held through the ZO phase
-        value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"the LoRA phase's loss is {value} at step {self.zo.steps_done}; lower lr_lora")
         # ZO phase: the same batch, the new adapters, the base weights perturbed in turn.

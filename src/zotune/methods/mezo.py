@@ -13,6 +13,7 @@ import torch
 
 import zotune
 from zotune.core.trajectory import Trajectory
+from zotune.engine import sharding
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.engine.offload import Offload
@@ -118,9 +119,15 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     lr: float | None = option(None, f"learning rate ({by_mode('lr')})")
     eps: float | None = option(None, f"perturbation scale ({by_mode('eps')})")
 
+    shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
+                         "--checkpoint trajectory and dense directions")
+
     def __post_init__(self):
         self.resolve(lr="lr", eps="eps")
         super().__post_init__()
+        if self.shard and (self.offload != "none" or self.peft != "none" or self.direction == "lowrank"):
+            raise UserError("--shard works with full-parameter zeroth order and dense directions: leave out --offload, "
+                            "--peft and --direction lowrank")
 
 
 class MeZOMethod(Method):
@@ -136,11 +143,36 @@ class MeZOMethod(Method):
 
     def __init__(self, model, config: MeZOConfig, seed: int = 0, steps: int = 1):
         super().__init__(add_adapters(model, config, seed), config, seed, steps)
-        with settings_errors():
-            self.optimizer = zotune.MeZO(zotune.decay_groups(self.model.named_parameters(), config.weight_decay),
-                                         lr=config.lr, seed=seed, **zo_options(config))
+        self._build_optimizer()
         self.engine = offload_blocks(self.model, self.optimizer, config)
+        self._sharded_export = None
+
+    def _build_optimizer(self) -> None:
+        with settings_errors():
+            self.optimizer = zotune.MeZO(zotune.decay_groups(self.model.named_parameters(), self.config.weight_decay),
+                                         lr=self.config.lr, seed=self.seed, **zo_options(self.config))
         self.zeroth_order = self.optimizer
+
+    def distribute(self, parallel) -> None:
+        if self.config.shard:
+            if parallel is None:
+                raise UserError("--shard needs several processes: start zotune with torchrun --nproc-per-node N")
+            if parallel.mode == "perturbations" and self.config.n_samples % parallel.world:
+                raise UserError(f"--shard --parallel perturbations: every process must evaluate as many directions, "
+                                f"so --n-samples must be a multiple of {parallel.world}")
+            blocks = [module for _, module in find_blocks(self.model, self.config.blocks).blocks]
+            aliases = sharding.shard_model(self.model, blocks, parallel)
+            self._build_optimizer()  # over the sharded parameters, before any step (distribute() sets parallel)
+            self.optimizer.forward_aliases = aliases
+        super().distribute(parallel)
+
+    def checkpoint_tensors(self) -> dict:
+        # Sharded, every trained weight is zeroth order: the trajectory checkpoint rebuilds them all.
+        return {} if self.config.shard else super().checkpoint_tensors()
+
+    def prepare_export(self) -> None:
+        if self.config.shard:  # every rank takes part in gathering the whole weights
+            self._sharded_export = sharding.full_tensors(self.model.named_parameters())
 
     def step(self, loss_fn) -> dict:
         self.model.eval()  # dropout would make the perturbed losses differ
@@ -151,7 +183,9 @@ class MeZOMethod(Method):
     def export(self, folder, model, tokenizer) -> None:
         merge_factors(self.engine, self.optimizer)
         self.optimizer.trajectory.save(folder / "trajectory.json")
-        if self.config.peft == "none":
+        if self._sharded_export is not None:
+            sharding.save_gathered(folder / "model", model, self._sharded_export, tokenizer)
+        elif self.config.peft == "none":
             save_model(folder / "model", model, tokenizer)
         else:
             model.save_pretrained(folder / "adapter")

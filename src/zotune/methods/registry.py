@@ -97,9 +97,22 @@ class Method:
     zeroth_order = None
     #: True when :meth:`step` never differentiates the loss (non-differentiable objectives allowed)
     gradient_free = False
+    #: the :class:`zotune.engine.distributed.Parallel` of a multi-process run (see :meth:`distribute`)
+    parallel = None
 
     def __init__(self, model, config, seed: int = 0, steps: int = 1):
         self.model, self.config, self.seed, self.steps = model, config, seed, steps
+
+    def distribute(self, parallel) -> None:
+        """Joins a multi-process run (:mod:`zotune.engine.distributed`): the zeroth-order
+        optimizer shares its losses, first-order parts average their gradients."""
+        self.parallel = parallel
+        for optimizer in (getattr(self, "optimizer", None), self.zeroth_order):
+            if optimizer is not None and hasattr(optimizer, "parallel"):
+                optimizer.parallel = parallel
+
+    def prepare_export(self) -> None:
+        """Called on every rank before rank 0 calls :meth:`export` (a sharded model gathers its weights)."""
 
     def step(self, loss_fn) -> dict:
         """One training step. ``loss_fn()`` returns the minibatch loss tensor; the method

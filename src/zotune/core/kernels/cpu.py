@@ -16,6 +16,7 @@ bit views, and the array type picks the conversion (:func:`_load`, :func:`_encod
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
@@ -371,11 +372,18 @@ def _run(serial, parallel, start: int, n: int, *args) -> None:
         parallel(*args, chunks, get_num_threads())
 
 
+_AS_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16, torch.float16: np.int16}
+
+
 def _array(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.view(torch.int16).numpy() if t.dtype == torch.float16 else t.numpy()
+    """A numpy view of a 1-D contiguous tensor's memory, made from its address: ``Tensor.numpy()``
+    would mark the storage as not resizable, and FSDP2 frees gathered weights by resizing."""
+    if t.dtype not in _AS_NUMPY or (t.ndim != 1 and t.numel() > 1) or not t.is_contiguous():
+        raise TypeError(f"the CPU kernels take 1-D contiguous float tensors, not {t.dtype} {tuple(t.shape)}")
+    if t.numel() == 0:
+        return np.empty(0, _AS_NUMPY[t.dtype])
+    memory = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    return np.frombuffer(memory, dtype=_AS_NUMPY[t.dtype])
 
 
 def _code(distribution: str) -> int:

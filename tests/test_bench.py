@@ -27,7 +27,7 @@ def test_every_registered_method_and_variant_is_a_bench_row():
 
     names = bench.all_methods()
     assert set(methods.names()) | {"forward", "mezo-reference", "mezo-rademacher", "mezo-lowrank", "mezo-offload",
-                                   "hzo-offload"} == set(names)
+                                   "hzo-offload", "hzo-k3"} == set(names)
     assert names.index("mezo") < names.index("mezo-rademacher") < names.index("mezo-lowrank")
 
 

@@ -57,7 +57,7 @@ def bad_inputs(tiny_model_dir, tmp_path):
     model = ["--model", str(tiny_model_dir)]
     return {
         "unknown task": ([*model, "--task", "mnli"], "unknown task 'mnli'"),
-        "unknown method": ([*model, *CSV_TASK, "--method", "adam"], "invalid choice: 'adam'"),
+        "unknown method": ([*model, *CSV_TASK, "--method", "adam"], "unknown method 'adam': choose one of mezo"),
         "missing model": (["--model", str(tmp_path / "nowhere"), *CSV_TASK], "does not exist"),
         "not a model": (["--model", str(tmp_path), *CSV_TASK], "is not a model folder"),
         "malformed data": ([*model, *CSV_TASK[:2], "--task", "jsonl", "--data", str(malformed), *CSV_TASK[4:]],
@@ -87,6 +87,22 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs, tmp_path, case, capsys):
     assert code == 2
     stderr = capsys.readouterr().err.strip()
     assert expected in stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["trian"], "unknown command 'trian'; did you mean 'train'?"),
+    (["train", "--method", "meza"], "unknown method 'meza'; did you mean 'mezo'?"),
+    (["train", "--lrr", "1e-3"], "unknown option '--lrr'; did you mean '--lr'?"),
+    (["train", "--task", "rt-sbj"], "unknown task 'rt-sbj'; did you mean 'rt-subj'?"),
+    (["bench", "--dtype", "fp61"], "unknown dtype 'fp61'; did you mean 'fp16'?"),
+])
+def test_a_mistyped_name_is_one_line_with_the_closest_match(args, expected, capsys):
+    try:
+        code = cli.main(args)
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    assert capsys.readouterr().err == f"zotune: error: {expected}\n"
 
 
 def test_user_error_in_a_subprocess_has_no_traceback(tiny_model_dir, tmp_path):

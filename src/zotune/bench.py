@@ -23,7 +23,8 @@ FORWARD, REFERENCE = "forward", "mezo-reference"
 VARIANTS = {"mezo-rademacher": ("mezo", {"direction": "rademacher"}),
             "mezo-lowrank": ("mezo", {"direction": "lowrank"}),
             "mezo-offload": ("mezo", {"offload": "cpu"}),
-            "hzo-offload": ("hzo", {"offload": "cpu"})}
+            "hzo-offload": ("hzo", {"offload": "cpu"}),
+            "hzo-k3": ("hzo", {"deep_blocks": 3})}
 # ft last: it may run out of memory.
 DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "hzo", "lora-ft", "ft")
 BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what they were
@@ -31,7 +32,7 @@ BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what t
 OPT_SIZES = {
     "opt-125m": (768, 12, 12, 3072), "opt-350m": (1024, 24, 16, 4096), "opt-1.3b": (2048, 24, 32, 8192),
     "opt-2.7b": (2560, 32, 32, 10240), "opt-6.7b": (4096, 32, 32, 16384), "opt-13b": (5120, 40, 40, 20480),
-    "opt-30b": (7168, 48, 56, 28672),
+    "opt-30b": (7168, 48, 56, 28672), "opt-66b": (9216, 64, 72, 36864), "opt-175b": (12288, 96, 96, 49152),
 }
 LLAMA = {
     "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -40,6 +41,13 @@ LLAMA = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
                     rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    # Llama-2's shapes (vocabulary 32000).
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000),
     # A small model whose embedding dominates (Gemma-3-270M-like shapes): where the largest tensor sets the memory.
     "large-vocab": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
                         num_key_value_heads=1, head_dim=256, vocab_size=262144, tie_word_embeddings=True),

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 
 import zotune
 from zotune import config as cfg, methods
 from zotune.engine import distributed
-from zotune.errors import UserError
+from zotune.errors import UserError, unknown
 from zotune.train import Interrupted, resume_config, train
 
 EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "text_column", "label_column", "template",
                "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "max_new_tokens",
                "progress")
-# The demo: LoRA fine-tuning is what shows a clear gain within a few CPU minutes on a
-# 135M model; MeZO needs thousands of steps (see README).
-DEMO = dict(model="smollm2", task="rt-sst2", method="lora-ft", steps=120, batch_size=8, lr=5e-4, n_train=1000,
-            n_dev=0, n_test=300, eval_batch_size=32, output="runs/demo", overwrite=True)
 
 
 def cmd_train(args) -> int:
@@ -67,15 +65,9 @@ def cmd_replay(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    config = cfg.from_mapping({**DEMO, "progress": not args.no_progress})
-    print(f"zotune demo: {config.method} on {config.model} / {config.task}, {config.steps} steps of "
-          f"{config.batch_size}, lr {config.options.lr}; zero-shot and final accuracy on {config.n_test} test "
-          "sentences",
-          flush=True)
-    result = train(config)
-    print(f"zero-shot accuracy: {result['zero_shot_accuracy']:.1%}")
-    print(f"fine-tuned accuracy: {result['test_accuracy']:.1%}")
-    print(summary(result, config.output))
+    from zotune import demo
+
+    demo.run(progress=not args.no_progress)
     return 0
 
 
@@ -94,10 +86,66 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line; a mistyped choice or option names the closest one."""
+
+    def error(self, message):
+        self.exit(2, f"zotune: error: {_explain(message, self)}\n")
+
+
+_INVALID_CHOICE = re.compile(r"argument (?P<arg>[^:]+): invalid choice: '?(?P<value>[^']*?)'? \(choose from "
+                             r"(?P<choices>.*)\)$")
+
+
+def _explain(message: str, parser: argparse.ArgumentParser) -> str:
+    match = _INVALID_CHOICE.match(message)
+    if match:
+        arg = match["arg"].split("/")[0].strip()
+        kind = arg.lstrip("-").replace("-", " ") if arg.startswith("-") else "command"
+        choices = re.findall(r"'([^']*)'", match["choices"]) or [c.strip() for c in match["choices"].split(",")]
+        return unknown(kind, match["value"], choices)
+    if message.startswith("unrecognized arguments: "):
+        given = message.split(": ", 1)[1].split()
+        option = next((word.split("=")[0] for word in given if word.startswith("-")), None)
+        if option is not None:
+            return unknown("option", option, sorted(_option_strings(parser)))
+        return f"unexpected argument {given[0]!r} (options start with --)"
+    return message
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    found = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def cmd_memory(args) -> int:
+    from zotune import bench, memory
+
+    gpu = memory.parse_size(args.gpu) if args.gpu else None
+    for number, name in enumerate(args.model):
+        shape = memory.shape_of(bench.build_config(name))
+        estimates = memory.estimate(shape, args.batch_size, args.length, args.dtype, args.deep_blocks)
+        print(("\n" if number else "") + memory.table(name, shape, estimates, gpu))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from zotune import report
+
+    print(report.report(args.runs, args.output))
+    figure = " and curves.png" if report.has_matplotlib() else " (pip install 'zotune[plot]' for curves.png)"
+    print(f"wrote {args.output}/report.md{figure}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zotune import bench as bench_module
 
-    parser = argparse.ArgumentParser(prog="zotune", description="Fine-tune language models when memory is the limit.")
+    parser = Parser(prog="zotune", description="Fine-tune language models when memory is the limit.")
     parser.add_argument("--version", action="version", version=f"zotune {zotune.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -137,7 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="PNG", help="save time/step and memory vs model size (needs matplotlib)")
     bench.set_defaults(handler=cmd_bench)
 
-    demo = commands.add_parser("demo", help="fine-tune the default model on the default task (offline)")
+    memory = commands.add_parser("memory", help="will it fit? estimated peak GPU memory of each method, from the "
+                                                "model's config alone (nothing downloaded or allocated)")
+    memory.add_argument("--model", nargs="+", default=["opt-1.3b"],
+                        help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder whose config is used")
+    memory.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
+    memory.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
+    memory.add_argument("--dtype", default="fp16", choices=tuple(("fp32", "bf16", "fp16")), help="weights dtype")
+    memory.add_argument("--deep-blocks", type=int, default=1, help="HZO's first-order blocks (default: 1)")
+    memory.add_argument("--gpu", metavar="SIZE", help="the card's memory, e.g. 24GB: says which methods fit")
+    memory.set_defaults(handler=cmd_memory)
+
+    report = commands.add_parser("report", help="compare runs: a Markdown table and one figure of their curves")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    report.add_argument("--output", default="runs/report", metavar="DIR",
+                        help="where report.md and curves.png go (default: runs/report)")
+    report.set_defaults(handler=cmd_report)
+
+    demo = commands.add_parser("demo", help="fine-tune the default model on the default task with HZO (offline), then "
+                                            "compare the methods side by side")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -148,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard bars from loading and saving: ours say more
+    # Deprecation notices about the libraries' own internals give a user nothing to act on.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|accelerate|torch)(\.|$)")
     try:
         return args.handler(args)
     except UserError as error:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from zotune import methods
-from zotune.errors import UserError
+from zotune.errors import UserError, unknown
 from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
         from zotune.tasks import TASKS
 
         if self.task not in TASKS:
-            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(TASKS)}")
+            raise UserError(unknown("task", self.task, TASKS))
         entry = methods.get(self.method)
         if self.options is None:
             self.options = entry.config()

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from zotune.errors import UserError
+from zotune.errors import UserError, unknown
 
 TASKS = ("rt-sst2", "sst2", "csv", "jsonl")
 SST2_TEMPLATE = "{text} It was"
@@ -158,7 +158,7 @@ def build_task(config) -> Task:
         else:
             train_pool, test_pool = _fixed_split(examples)
         return Task(name, config.template, list(mapping.values()), train_pool, test_pool)
-    raise UserError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    raise UserError(unknown("task", name, TASKS))
 
 
 def _own_continuations(config) -> Task | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from zotune import checkpoint_modes, methods, models, tasks
+from zotune import checkpoint_modes, methods, models, report, tasks
 from zotune.checkpoint import find_checkpoint, write_checkpoint
 from zotune.config import TrainConfig, from_mapping, load_run
 from zotune.engine import distributed
@@ -29,7 +29,7 @@ from zotune.scoring import Scorer, evaluate, loss_function, metric_of
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
              "model", "adapter", "first_order.safetensors",
-             "trajectory.json", "result.json")
+             "trajectory.json", "result.json", "curves.png")
 # Options that may change when a run is resumed; everything else must match the saved config.
 RESUMABLE_CHANGES = ("steps", "eval_every", "save_every", "snapshot_every", "progress", "output", "parallel")
 
@@ -298,6 +298,7 @@ class Run:
             (self.out / "result.json").write_text(json.dumps(result, indent=2))
             for name in ("checkpoint", "checkpoint.old", "checkpoint.partial"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
+            report.curves(self.out)  # curves.png, when matplotlib is installed (zotune[plot])
         self._barrier()
         return result
 

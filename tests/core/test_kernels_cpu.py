@@ -1,6 +1,9 @@
 """The numba backend beyond the contract: bit conversions, both Gaussian paths, edges of the index space."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -170,3 +173,15 @@ def test_parameters_empty_tensors_and_errors():
         cpu.fill(torch.empty(3), 0, 1, 2, "uniform")
     with pytest.raises(TypeError, match="float32"):
         cpu.fill(torch.empty(3, dtype=torch.bfloat16), 0, 1, 2, "gaussian")
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_kernels_leave_torch_thread_count_alone(threads):
+    """torchrun gives each process OMP_NUM_THREADS=1; numba's OpenMP pool must not raise it
+    (two processes on two cores would each run torch on two threads)."""
+    code = ("import torch; from zotune.core.kernels import cpu; w = torch.zeros(1 << 20); "
+            "before = torch.get_num_threads(); cpu.update(w, 0, [1], [1.0], 7, 'gaussian', 0.1, 0.0, None); "
+            "print(before, torch.get_num_threads(), bool(w.abs().sum() > 0))")
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [threads, threads, "True"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from zotune.errors import UserError
+from zotune.errors import UserError, unknown
 
 
 def option(default, help: str, **extra):
@@ -183,7 +183,7 @@ def register(name: str, config: type, method: type) -> Entry:
 
 def get(name: str) -> Entry:
     if name not in METHODS:
-        raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+        raise UserError(unknown("method", name, METHODS))
     return METHODS[name]
 
 

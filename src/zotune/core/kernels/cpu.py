@@ -362,14 +362,29 @@ def _update_parallel(weight, source, start, seeds, coeffs, key, code, neg_lr, we
             c = _take(counter)
 
 
+def _threads() -> int:
+    """As many threads as torch uses. Several processes on one machine (torchrun sets
+    OMP_NUM_THREADS=1 in each) must not oversubscribe the cores: numba's pool is one thread
+    per core, and launching its OpenMP layer resets the OpenMP thread count that torch's
+    kernels read, so torch's is put back."""
+    wanted = torch.get_num_threads()
+    if wanted == 1:
+        return 1  # serial kernels; numba's pool is never launched
+    available = get_num_threads()  # launches the pool on the first call
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return min(available, wanted)
+
+
 def _run(serial, parallel, start: int, n: int, *args) -> None:
     if n == 0:
         return
     chunks = -(-((start + n - 1) // TILE - start // TILE + 1) // CHUNK_TILES)
-    if n < SERIAL or chunks == 1:
+    threads = _threads()
+    if n < SERIAL or chunks == 1 or threads == 1:
         serial(*args, 0, chunks)
     else:
-        parallel(*args, chunks, get_num_threads())
+        parallel(*args, chunks, threads)
 
 
 _AS_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16, torch.float16: np.int16}

@@ -1,0 +1,88 @@
+"""`zotune memory`'s estimates against measured peaks on the CPU: each method in its own
+process (random-init model from a built-in config, 3 steps through `zotune bench`). The
+measured peak is the most bytes malloc had handed out at once (glibc's mallinfo2, sampled
+every 0.5 ms, minus what was allocated after the imports): the CPU's analogue of a GPU's
+max_memory_allocated. Peak RSS is shown beside it (it also counts freed memory malloc keeps).
+
+    .venv/bin/python benchmarks/memory_check.py [--model smollm2] [--batch-size 8] [--length 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+# zotune bench row -> zotune memory row
+ROWS = {"forward": "inference", "mezo": "mezo", "lora-ft": "lora-ft", "ft": "ft", "lmao": "lmao", "hzo": "hzo"}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocated_bytes() -> int:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2): the CPU's analogue of
+    torch.cuda.memory_allocated, free of the RSS that freed-but-kept memory holds."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def child(method: str, model: str, batch: int, length: int) -> None:
+    from zotune import bench
+
+    baseline, peak, done = allocated_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], allocated_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    rss_before = rss_bytes()
+    sampler.start()
+    bench.bench(model, batch, length, "fp32", "cpu", [method], 2)
+    done.set()
+    sampler.join()
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"allocated": peak[0] - baseline, "rss": rss_peak - rss_before}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=64)
+    args = parser.parse_args()
+    from zotune import bench, memory
+
+    estimates = memory.estimate(memory.shape_of(bench.build_config(args.model)), args.batch_size, args.length, "fp32")
+    print("| row | estimate (MB) | peak allocated (MB) | estimate / allocated | peak RSS − RSS after imports (MB) |")
+    print("|---|---|---|---|---|")
+    for method, row in ROWS.items():
+        out = subprocess.run([sys.executable, __file__, "--child", method, args.model, str(args.batch_size),
+                              str(args.length)], capture_output=True, text=True, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        allocated, rss = result["allocated"], result["rss"]
+        print(f"| {row} | {estimates[row] / 2**20:.0f} | {allocated / 2**20:.0f} | {estimates[row] / allocated:.2f} | "
+              f"{rss / 2**20:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main()

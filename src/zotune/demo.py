@@ -1,0 +1,57 @@
+"""``zotune demo`` (``make demo``): fine-tunes the default model on the default task with HZO,
+prints zero-shot → fine-tuned accuracy, then a side-by-side of the methods on the default
+model's shape: time per step measured here, peak memory estimated for a GPU, and the
+accuracy each reached with the demo's budget when it was measured (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zotune import bench, config as cfg, memory
+from zotune.train import train
+
+# HZO, 3 first-order blocks: 84.7 % after 120 steps of 8 (BENCHMARKS.md, "HZO against LoRA-FT").
+DEMO = dict(model="smollm2", task="rt-sst2", method="hzo", steps=120, batch_size=8, lr=1e-3, deep_blocks=3,
+            n_train=1000, n_dev=0, n_test=300, eval_batch_size=32, output="runs/demo", overwrite=True)
+# bench row -> (memory row, the method's settings, test accuracy after 120 steps of 8 on rt-sst2,
+# from benchmarks/hzo_vs_lora.sh and compare_methods.sh: BENCHMARKS.md, 2026-11-26)
+SIDE_BY_SIDE = {
+    "forward": ("inference", "two forwards, no training", "47.0 % (zero-shot)"),
+    "mezo": ("mezo", "--lr 1e-6 --eps 1e-3", "48.0 %"),
+    "lora-ft": ("lora-ft", "--lr 5e-4", "86.0 %"),
+    "lmao": ("lmao", "--lr 5e-4 --lr-base 1e-6", "86.3 %"),
+    "hzo-k3": ("hzo", "--lr 1e-3 --deep-blocks 3", "84.7 %"),
+}
+BATCH, LENGTH = 8, 64
+
+
+def run(progress: bool = True) -> dict:
+    config = cfg.from_mapping({**DEMO, "progress": progress})
+    print(f"zotune demo: {config.method} on {config.model} / {config.task}, {config.steps} steps of "
+          f"{config.batch_size} (zeroth order on the shallow blocks, AdamW on the last "
+          f"{config.options.deep_blocks}); zero-shot and final accuracy on {config.n_test} test sentences", flush=True)
+    result = train(config)
+    print(f"zero-shot accuracy: {result['zero_shot_accuracy']:.1%}")
+    print(f"fine-tuned accuracy: {result['test_accuracy']:.1%} ({config.method}, {result['steps']} steps, "
+          f"{result['train_seconds']:.0f} s)", flush=True)
+    text = side_by_side()
+    print(text)
+    Path(config.output, "side_by_side.md").write_text(text + "\n")
+    print(f"run folder {config.output}: curves.png, side_by_side.md, metrics.jsonl, the model")
+    return result
+
+
+def side_by_side() -> str:
+    """Time per step of each method on the default model's shape (random init, fp32, this
+    machine), the estimated GPU peak in fp16, and the accuracies measured earlier."""
+    print(f"side by side: one step of each method, batch {BATCH} × {LENGTH} tokens ...", flush=True)
+    rows = {r["method"]: r for r in bench.bench("smollm2", BATCH, LENGTH, "fp32", "cpu", list(SIDE_BY_SIDE), 2)}
+    peaks = memory.estimate(memory.shape_of(bench.build_config("smollm2")), BATCH, LENGTH, "fp16", deep_blocks=3)
+    forward = rows["forward"]["seconds"]
+    lines = ["| method | settings | s/step here (random init, full LM loss) | × two forwards | est. GPU peak, fp16 (GiB) | "
+             "test accuracy after 120 steps (measured earlier) |", "|---|---|---|---|---|---|"]
+    for name, (row, settings, accuracy) in SIDE_BY_SIDE.items():
+        seconds = rows[name]["seconds"]
+        lines.append(f"| {name} | {settings} | {seconds:.2f} | {seconds / forward:.2f} | {peaks[row] / 2**30:.2f} | "
+                     f"{accuracy} |")
+    return "\n".join(lines)

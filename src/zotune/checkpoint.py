@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from zotune.assets import file_sha256
 from zotune.errors import UserError
 
 import torch
@@ -78,14 +78,6 @@ CHECKPOINT_FORMAT = "zotune-checkpoint/1"
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -104,7 +96,7 @@ def write_checkpoint(out: Path, fill) -> None:
     try:
         partial.mkdir()
         known = fill(partial) or {}
-        files = {p.name: known.get(p.name) or _sha256(p) for p in sorted(partial.iterdir())}
+        files = {p.name: known.get(p.name) or file_sha256(p) for p in sorted(partial.iterdir())}
         (partial / MANIFEST).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "sha256": files}))
         for path in partial.iterdir():
             _fsync(path)
@@ -163,6 +155,6 @@ def verify_checkpoint(folder: Path) -> None:
                         "--overwrite") from None
     for name, expected in files.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or file_sha256(path) != expected:
             raise UserError(f"{path} is missing or damaged (its checksum does not match the manifest); restart "
                             "the run with --overwrite, or resume from a copy of the run folder")

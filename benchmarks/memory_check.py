@@ -10,13 +10,10 @@ max_memory_allocated. Peak RSS is shown beside it (it also counts freed memory m
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import subprocess
 import sys
-import threading
-import time
 
 # zotune bench row -> zotune memory row
 ROWS = {"forward": "inference", "mezo": "mezo", "lora-ft": "lora-ft", "ft": "ft", "lmao": "lmao", "hzo": "hzo"}
@@ -27,36 +24,13 @@ def rss_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def allocated_bytes() -> int:
-    """Bytes malloc has handed out and not taken back (glibc's mallinfo2): the CPU's analogue of
-    torch.cuda.memory_allocated, free of the RSS that freed-but-kept memory holds."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 def child(method: str, model: str, batch: int, length: int) -> None:
     from zotune import bench
 
-    baseline, peak, done = allocated_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], allocated_bytes())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    baseline = bench.host_allocated_bytes()
     rss_before = rss_bytes()
-    sampler.start()
-    bench.bench(model, batch, length, "fp32", "cpu", [method], 2)
-    done.set()
-    sampler.join()
+    with bench.host_peak() as peak:
+        bench.bench(model, batch, length, "fp32", "cpu", [method], 2)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"allocated": peak[0] - baseline, "rss": rss_peak - rss_before}))
 

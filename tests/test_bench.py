@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -20,6 +21,20 @@ def test_bench_smoke_on_cpu(tmp_path, capsys):
     assert all(r["seconds"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "| llama-tiny |" in printed and "| × 2 forwards | × lora-ft |" in printed
+    # On the CPU the peak is malloc's: the weights at least, and FT's gradients and AdamW moments (3× the
+    # weights) on top, less the forward's transients; the rest of the process moves it by ~0.1 MB.
+    weights = rows[0]["params"] * 4 / 2**30
+    peak = {r["method"]: r["peak_gib"] for r in rows}
+    assert peak["forward"] >= weights and peak["ft"] - peak["forward"] >= 1.5 * weights
+
+
+def test_the_host_peak_sees_a_transient_allocation():
+    with bench.host_peak() as peak:
+        before = bench.host_allocated_bytes()
+        block = torch.ones(64 * 2**20 // 4)
+        time.sleep(0.05)  # a sample falls inside, even on a busy machine
+        del block
+    assert peak[0] - before >= 60 * 2**20 > bench.host_allocated_bytes() - before
 
 
 def test_every_registered_method_and_variant_is_a_bench_row():

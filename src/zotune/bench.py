@@ -4,10 +4,13 @@ models built from configs (memory and speed do not depend on the weights)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -101,9 +104,57 @@ def reference_mezo_step(params, closure, seed: int, lr: float = 1e-7, eps: float
         perturb(-lr * (plus - minus) / (2 * eps))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def host_allocated_bytes() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc's mallinfo2): the host's analogue of
+    torch.cuda.memory_allocated, free of the RSS that freed-but-kept memory holds. None off glibc."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+@contextlib.contextmanager
+def host_peak(every: float = 0.0005):
+    """Yields a list whose one element becomes the most bytes allocated at once inside the block,
+    sampled every ``every`` seconds by a thread (None off glibc)."""
+    peak = [host_allocated_bytes()]
+    if peak[0] is None:
+        yield peak
+        return
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], host_allocated_bytes())
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak[0] = max(peak[0], host_allocated_bytes())
+
+
 class _Meter:
+    """Median time of ``repeats`` steps after a warm-up, and the peak memory of a step: on a GPU
+    max_memory_allocated over the timed steps; on the CPU malloc's peak during one more step,
+    untimed (the sampling thread would slow the timed ones), less what the process held besides
+    the model when the method began (``host_baseline``, set per method)."""
+
     def __init__(self, device: str, repeats: int):
         self.device, self.repeats, self.cuda = device, repeats, device.startswith("cuda")
+        self.host_baseline: int | None = None
 
     def sync(self):
         if self.cuda:
@@ -120,7 +171,13 @@ class _Meter:
             fn()
             self.sync()
             samples.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        peak = None
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        elif self.host_baseline is not None:
+            with host_peak() as host:
+                fn()
+            peak = (host[0] - self.host_baseline) / 2**30
         return {"seconds": statistics.median(samples), "peak_gib": peak}
 
 
@@ -143,10 +200,11 @@ def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str =
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
-        return _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, repeats)
+        meter = _Meter(device, repeats)
+        return _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, meter)
 
 
-def _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, repeats) -> list[dict]:
+def _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, meter) -> list[dict]:
     ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
 
@@ -161,9 +219,13 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, m
 
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    meter = _Meter(device, repeats)
     rows = []
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     for method in dict.fromkeys(methods):  # in the order asked for
+        if not meter.cuda:  # whatever else the process holds, or frees meanwhile, is not the method's
+            gc.collect()
+            allocated = host_allocated_bytes()
+            meter.host_baseline = None if allocated is None else allocated - model_bytes
         try:
             result = _run_method(method, model, loss, meter)
         except torch.OutOfMemoryError:
@@ -235,27 +297,48 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _size(params: float) -> str:
+    return f"{params / 1e9:.3g}B" if params >= 1e9 else f"{params / 1e6:.3g}M"
+
+
 def plot(rows: list[dict], path: str) -> None:
+    """Time per step and peak memory against model size, one line per method, log-log."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install matplotlib") from None
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        raise UserError("--plot needs matplotlib: pip install 'zotune[plot]'") from None
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r["params"], r["seconds"], r["peak_gib"]) for r in rows if r["method"] == method)
-        if points:
-            time_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-            memory_axis.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=method)
-    for axis, label in ((time_axis, "seconds per step"), (memory_axis, "peak GiB")):
+        for axis, column in ((time_axis, 1), (memory_axis, 2)):
+            drawn = [(p[0], p[column]) for p in points if p[column] is not None]  # OOM rows have no value
+            if drawn:
+                axis.plot(*zip(*drawn), marker="o", label=method)
+    sizes = []
+    for params in sorted({r["params"] for r in rows}):
+        if not sizes or params > 1.25 * sizes[-1]:  # closer labels would overprint each other
+            sizes.append(params)
+    for axis, label in ((time_axis, "seconds per step"), (memory_axis, "peak memory (GiB)")):
         axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.xaxis.set_major_locator(FixedLocator(sizes))
+        axis.xaxis.set_minor_locator(NullLocator())
+        axis.set_xticklabels([_size(p) for p in sizes])
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axis.set_xlabel("parameters")
         axis.set_ylabel(label)
-    time_axis.legend()
+        axis.grid(True, which="both", alpha=0.3)
+    time_axis.legend(fontsize=8)
+    settings = sorted({f"{r['device']}, {r['dtype']}, batch {r['batch_size']} × {r['length']}" for r in rows})
+    figure.suptitle("; ".join(settings), fontsize=10)
     figure.tight_layout()
-    figure.savefig(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def save_json(rows: list[dict], path: str) -> None:

@@ -1,7 +1,7 @@
 """``zotune demo`` (``make demo``): fine-tunes the default model on the default task with HZO,
 prints zero-shot → fine-tuned accuracy, then a side-by-side of the methods on the default
-model's shape: time per step measured here, peak memory estimated for a GPU, and the
-accuracy each reached with the demo's budget when it was measured (BENCHMARKS.md)."""
+model's shape: time per step and peak memory measured here, peak memory estimated for a GPU,
+and the accuracy each reached with the demo's budget when it was measured (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -41,17 +41,19 @@ def run(progress: bool = True) -> dict:
     return result
 
 
-def side_by_side() -> str:
-    """Time per step of each method on the default model's shape (random init, fp32, this
-    machine), the estimated GPU peak in fp16, and the accuracies measured earlier."""
+def side_by_side(model: str = "smollm2") -> str:
+    """Time per step and peak memory of each method on the default model's shape (random init,
+    fp32, this machine), the estimated GPU peak in fp16, and the accuracies measured earlier."""
     print(f"side by side: one step of each method, batch {BATCH} × {LENGTH} tokens ...", flush=True)
-    rows = {r["method"]: r for r in bench.bench("smollm2", BATCH, LENGTH, "fp32", "cpu", list(SIDE_BY_SIDE), 2)}
-    peaks = memory.estimate(memory.shape_of(bench.build_config("smollm2")), BATCH, LENGTH, "fp16", deep_blocks=3)
+    rows = {r["method"]: r for r in bench.bench(model, BATCH, LENGTH, "fp32", "cpu", list(SIDE_BY_SIDE), 2)}
+    peaks = memory.estimate(memory.shape_of(bench.build_config(model)), BATCH, LENGTH, "fp16", deep_blocks=3)
     forward = rows["forward"]["seconds"]
-    lines = ["| method | settings | s/step here (random init, full LM loss) | × two forwards | est. GPU peak, fp16 (GiB) | "
-             "test accuracy after 120 steps (measured earlier) |", "|---|---|---|---|---|---|"]
+    lines = ["| method | settings | s/step here (random init, full LM loss) | × two forwards | peak here, fp32 (GiB) "
+             "| est. GPU peak, fp16 (GiB) | test accuracy after 120 steps (measured earlier) |",
+             "|---|---|---|---|---|---|---|"]
     for name, (row, settings, accuracy) in SIDE_BY_SIDE.items():
-        seconds = rows[name]["seconds"]
-        lines.append(f"| {name} | {settings} | {seconds:.2f} | {seconds / forward:.2f} | {peaks[row] / 2**30:.2f} | "
-                     f"{accuracy} |")
+        seconds, peak = rows[name]["seconds"], rows[name]["peak_gib"]
+        here = "" if peak is None else f"{peak:.2f}"
+        lines.append(f"| {name} | {settings} | {seconds:.2f} | {seconds / forward:.2f} | {here} | "
+                     f"{peaks[row] / 2**30:.2f} | {accuracy} |")
     return "\n".join(lines)

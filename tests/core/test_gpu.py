@@ -58,3 +58,17 @@ def test_step_peak_memory_bounded_by_forward_plus_largest_parameter():
     step_peak = torch.cuda.max_memory_allocated() - base
     largest = max(p.numel() * p.element_size() for p in model.parameters())  # one scratch, the weights' dtype
     assert step_peak <= forward_peak + largest + 1024 * 1024
+
+
+def test_no_perturbation_buffer_outlives_a_cuda_step():
+    # Kept buffers would add a weight copy to whatever runs between steps (LMAO's and HZO's first-order phases).
+    model = tiny_model("llama").cuda()
+    optimizer = zotune.MeZO(model.named_parameters(), lr=1e-3, eps=1e-2)
+    closure = cuda_closure(model)
+    optimizer.step(closure)  # the first step also probes for reads outside the modules
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    optimizer.step(closure)
+    torch.cuda.synchronize()
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert torch.cuda.memory_allocated() - before < largest

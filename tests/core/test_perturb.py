@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as module_impl
 
+import zotune
+
 from tests.conftest import assert_same, lm_closure, snapshot, tiny_model
 from zotune.core import kernels
 from zotune.core.directions import Dense, Draw, LowRank, make
@@ -154,3 +156,14 @@ def test_probe_finds_reads_outside_the_owner_and_bare_tensors():
     assert torch.allclose(seen[1], 1 + 1e-3 * z_of(0, "b", 3))
     assert not torch.equal(seen[0], before[0])
     assert torch.equal(embed.weight, before[0]) and torch.equal(bare, before[1])
+
+
+def test_cpu_buffers_are_kept_between_evaluations():
+    # On the CPU a fresh weight-sized allocation costs page faults on every forward: the buffers stay.
+    model = tiny_model("llama")
+    optimizer = zotune.MeZO(model.named_parameters(), lr=1e-3, eps=1e-2)
+    optimizer.step(lm_closure(model))
+    kept = {t.data_ptr() for t in optimizer._scratch.values()}
+    assert kept
+    optimizer.step(lm_closure(model))
+    assert {t.data_ptr() for t in optimizer._scratch.values()} == kept

@@ -111,7 +111,7 @@ class MeZO(torch.optim.Optimizer):
         self._history: list[TrajectoryStep] = []
         self._directions: dict[str, directions.Direction] = {}
         self._read_outside: dict[frozenset, set[int]] = {}
-        self._scratch: dict = {}  # perturbed weights' buffers, reused across evaluations
+        self._scratch: dict = {}  # perturbed weights' buffers, reused across evaluations on the CPU
         self._warned_unread = False
         self._deferred: set[int] = set()
         self._deferred_device = None
@@ -163,15 +163,19 @@ class MeZO(torch.optim.Optimizer):
             return closure()
         signature = frozenset(id(item.param) for item in active)
         outside = self._read_outside.get(signature)
+        # Fresh host allocations of a weight's size cost page faults on every forward, so CPU buffers are kept
+        # between evaluations; a GPU's caching allocator reuses memory by itself, and buffers kept there would
+        # add to the peak of whatever runs between steps (LMAO's and HZO's first-order phases).
+        scratch = self._scratch if all(item.param.device.type == "cpu" for item in active) else None
         if outside is None:  # first evaluation of this set: find parameters read outside their modules
-            with Perturbation(active, draw, eps, probe=True, scratch=self._scratch) as probe:
+            with Perturbation(active, draw, eps, probe=True, scratch=scratch) as probe:
                 loss = closure()
             outside = self._read_outside[signature] = probe.read_outside
             self._warn_unread(probe, active)
             self._choose_factored(probe, active)
             if not outside:
                 return loss
-        with Perturbation(active, draw, eps, whole=outside, scratch=self._scratch):
+        with Perturbation(active, draw, eps, whole=outside, scratch=scratch):
             return closure()
 
     def _evaluate_stacked(self, closure, active, plan):

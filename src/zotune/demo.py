@@ -45,7 +45,7 @@ def side_by_side(model: str = "smollm2") -> str:
     """Time per step and peak memory of each method on the default model's shape (random init,
     fp32, this machine), the estimated GPU peak in fp16, and the accuracies measured earlier."""
     print(f"side by side: one step of each method, batch {BATCH} × {LENGTH} tokens ...", flush=True)
-    rows = {r["method"]: r for r in bench.bench(model, BATCH, LENGTH, "fp32", "cpu", list(SIDE_BY_SIDE), 2)}
+    rows = {r["method"]: r for r in bench.bench(model, BATCH, LENGTH, "fp32", "cpu", list(SIDE_BY_SIDE), 1)}
     peaks = memory.estimate(memory.shape_of(bench.build_config(model)), BATCH, LENGTH, "fp16", deep_blocks=3)
     forward = rows["forward"]["seconds"]
     lines = ["| method | settings | s/step here (random init, full LM loss) | × two forwards | peak here, fp32 (GiB) "

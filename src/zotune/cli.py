@@ -170,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--output", metavar="DIR", help="where to save the rebuilt model (default: DIR/replayed)")
     replay.set_defaults(handler=cmd_replay)
 
+    config_models = (f"built in: {', '.join(bench_module.MODELS)}; "
+                     "or a hub id / folder / .gguf file whose config is used")
     bench = commands.add_parser("bench", help="time per step and peak memory of each method on random-init models")
     bench.add_argument("--model", nargs="+", default=["opt-125m"],
-                       help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder / .gguf file whose config is used")
+                       help=config_models)
     bench.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="weights dtype")
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory = commands.add_parser("memory", help="will it fit? estimated peak GPU memory of each method, from the "
                                                 "model's config alone (nothing downloaded or allocated)")
     memory.add_argument("--model", nargs="+", default=["opt-1.3b"],
-                        help=f"built in: {', '.join(bench_module.MODELS)}; or a hub id / folder / .gguf file whose config is used")
+                        help=config_models)
     memory.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
     memory.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     memory.add_argument("--dtype", default="fp16", choices=tuple(("fp32", "bf16", "fp16")), help="weights dtype")

@@ -15,7 +15,7 @@ import pathlib
 import shutil
 import tempfile
 
-from zotune.errors import UserError
+from zotune.errors import UserError, reason
 
 MARKER = "source.json"  # written last: a folder without it is an interrupted conversion
 _MAGIC = b"GGUF"
@@ -43,12 +43,7 @@ def config_of(path: pathlib.Path):
     try:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError) as error:
-        raise UserError(f"cannot read {path}: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+        raise UserError(f"cannot read {path}: {reason(error)}") from None
 
 
 def save_folder(gguf: pathlib.Path, out: pathlib.Path, record: dict, progress: bool) -> None:
@@ -58,6 +53,8 @@ def save_folder(gguf: pathlib.Path, out: pathlib.Path, record: dict, progress: b
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from zotune.assets import check_free
+
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
@@ -65,16 +62,11 @@ def save_folder(gguf: pathlib.Path, out: pathlib.Path, record: dict, progress: b
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, KeyError, OSError, RuntimeError) as error:  # e.g. an architecture transformers cannot read
-        raise UserError(f"cannot convert {gguf.name}: {_first_line(error)}") from None
+        raise UserError(f"cannot convert {gguf.name}: {reason(error)}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    needed = sum(p.numel() for p in model.parameters()) * 4 + (64 << 20)
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise UserError(f"not enough disk space under {out.parent} ({free / 2**30:.2f} GiB free, about "
-                        f"{needed / 2**30:.2f} GiB needed for the float32 folder): free some space or set "
-                        "ZOTUNE_CACHE to another disk")
+    check_free(out.parent, sum(p.numel() for p in model.parameters()) * 4 + (64 << 20))  # the float32 folder
     # The weights are already dequantised; the GGUF quantizer left attached makes save_pretrained refuse.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -9,6 +9,12 @@ class UserError(Exception):
     """A mistake in the user's input (arguments, files, data): say what and how to fix it."""
 
 
+def reason(error: Exception) -> str:
+    """An exception's first line, for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 def unknown(kind: str, value, choices) -> str:
     """``unknown method 'meza'; did you mean 'mezo'?``, or the choices when nothing is close."""
     choices = [str(choice) for choice in choices]

@@ -37,6 +37,7 @@ import torch
 
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
+from zotune.models import kind_of
 
 METHODS = ("inference", "mezo", "mezo-offload", "lora-ft", "ft", "lmao", "hzo", "hzo-offload")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -62,12 +63,11 @@ def shape_of(config) -> Shape:
     else causal), built on the meta device."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    masked = any(name.endswith("ForMaskedLM") for name in getattr(config, "architectures", None) or [])
+    kind = kind_of(getattr(config, "architectures", None))
     with torch.device("meta"):
         try:
-            model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_config(config)
+            model = (AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM).from_config(config)
         except ValueError as error:
-            kind = "masked" if masked else "causal"
             raise UserError(f"cannot build a {kind} LM from this config ({str(error).splitlines()[0]})") from None
     layout = find_blocks(model)
     named = dict(model.named_parameters())  # tied weights once

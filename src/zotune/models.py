@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from zotune.errors import UserError
+from zotune.errors import UserError, reason
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,8 +47,13 @@ def detect_kind(source: str) -> str:
     else:
         from transformers import AutoConfig
 
-        architectures = AutoConfig.from_pretrained(source).architectures or []
-    return "masked" if any(a.endswith("ForMaskedLM") for a in architectures) else "causal"
+        architectures = AutoConfig.from_pretrained(source).architectures
+    return kind_of(architectures)
+
+
+def kind_of(architectures) -> str:
+    """``masked`` when a config's architectures name a masked LM, else ``causal``."""
+    return "masked" if any(a.endswith("ForMaskedLM") for a in architectures or []) else "causal"
 
 
 def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None = None):
@@ -80,12 +85,6 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
         tokenizer.pad_token = tokenizer.eos_token
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
-
-
-def reason(error: Exception) -> str:
-    """An exception's first line, for a one-line message."""
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def check_files(folder: Path, what: str) -> None:

@@ -1,13 +1,15 @@
 """The rank side of the multi-process tests, started by torchrun (gloo, CPU):
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_child.py api OUT
+    python -m torch.distributed.run ... tests/distributed_child.py backend OUT
     python -m torch.distributed.run ... tests/distributed_child.py train OUT [STOP] -- <zotune train arguments>
 
 ``api``: MeZO and a first-order average through the Python API on a tiny model; rank 0
 also runs the one-process references in its own process (same threads, same kernels)
-and writes ``OUT/api.json`` with what the test compares. ``train``: ``zotune train`` on
-every rank; each rank writes ``OUT/rank-R.json`` with its exit code and the paths it
-wrote under the run folder. With STOP, rank 0 sends itself SIGUSR1 after that many
+and writes ``OUT/api.json`` with what the test compares. ``backend``: ``setup()`` where
+rank 0 has a GPU per process and rank 1 does not; each rank writes the backend it got to
+``OUT/backend-R.json``. ``train``: ``zotune train`` on every rank; each rank writes
+``OUT/rank-R.json`` with its exit code and the paths it wrote under the run folder. With STOP, rank 0 sends itself SIGUSR1 after that many
 steps (a scheduler's preemption notice) and every rank must stop at that step.
 """
 
@@ -65,7 +67,7 @@ def api(out: Path) -> None:
     model.zero_grad()
     loss = loss_of(mine)()
     loss.backward()
-    result["fo_loss"] = distributed.average_gradients(data, model.parameters(), loss)
+    result["fo_loss"] = float(distributed.average_gradients(data, model.parameters(), loss))
     averaged = {name: p.grad.clone() for name, p in model.named_parameters()}
 
     # What one step sends: the collectives' payloads during a step of 4 directions.
@@ -119,6 +121,14 @@ def api(out: Path) -> None:
                                                for n, p in model.named_parameters())
         result["fo_max_grad"] = max(float(p.grad.abs().max()) for p in model.parameters())
         (out / "api.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def backend(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    distributed.gpu_per_process = lambda: rank == 0
+    distributed.setup()
+    (out / f"backend-{rank}.json").write_text(json.dumps(dist.get_backend()))
     dist.destroy_process_group()
 
 
@@ -186,6 +196,8 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     if scenario == "api":
         api(out)
+    elif scenario == "backend":
+        backend(out)
     else:
         rest = sys.argv[3:]
         split = rest.index("--")

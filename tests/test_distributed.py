@@ -1,4 +1,5 @@
-"""Multi-process runs on the CPU: 2 processes started by torchrun, gloo backend.
+"""Multi-process runs: 2 processes started by torchrun, gloo backend (forced, so that a
+machine with one GPU runs them too).
 
 Every process is pinned to one thread (torchrun's default for several processes), and so
 is each one-process reference, so that both run the same kernels."""
@@ -10,17 +11,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+
+from zotune.engine import distributed
+from zotune.errors import UserError
 
 from .test_train import DATA
 
 CHILD = Path(__file__).with_name("distributed_child.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+GLOO = {**ONE_THREAD, distributed.BACKEND_VARIABLE: "gloo"}
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
+def torchrun(*args, env=GLOO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(CHILD), *map(str, args)], env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+                           str(CHILD), *map(str, args)], env=env, capture_output=True, text=True, timeout=600)
 
 
 def one_process(*args) -> subprocess.CompletedProcess:
@@ -42,6 +48,44 @@ def ranks(folder: Path) -> list[dict]:
 
 def trajectory_grads(run: Path) -> list[list[float]]:
     return [step["grads"] for step in json.loads((run / "trajectory.json").read_text())["steps"]]
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """Two torchrun processes on this machine, whose number of GPUs the test sets."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv(distributed.BACKEND_VARIABLE, raising=False)
+
+    def gpus(count: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+    return gpus
+
+
+@pytest.mark.parametrize(("gpus", "forced", "backend"), [(0, None, "gloo"), (1, None, "gloo"), (2, None, "nccl"),
+                                                         (2, "gloo", "gloo"), (2, " NCCL ", "nccl")])
+def test_nccl_only_when_every_process_has_a_gpu_of_its_own(two_processes, monkeypatch, gpus, forced, backend):
+    two_processes(gpus)
+    if forced is not None:
+        monkeypatch.setenv(distributed.BACKEND_VARIABLE, forced)
+    assert distributed.choose_backend(distributed.gpu_per_process()) == backend
+
+
+@pytest.mark.parametrize(("forced", "message"), [("nccl", "at most one process per GPU"),
+                                                 ("glo", "did you mean 'gloo'")])
+def test_a_backend_that_cannot_be_forced_is_a_one_line_error(two_processes, monkeypatch, forced, message):
+    two_processes(1)
+    monkeypatch.setenv(distributed.BACKEND_VARIABLE, forced)
+    with pytest.raises(UserError, match=message) as error:
+        distributed.choose_backend(distributed.gpu_per_process())
+    assert "\n" not in str(error.value)
+
+
+def test_ranks_agree_on_gloo_when_one_machine_lacks_gpus(tmp_path):
+    child = torchrun("backend", tmp_path, env={**ONE_THREAD, distributed.BACKEND_VARIABLE: ""})  # not forced
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert [json.loads((tmp_path / f"backend-{rank}.json").read_text()) for rank in (0, 1)] == ["gloo", "gloo"]
 
 
 def test_the_python_api_shares_losses_and_gradients_exactly(tmp_path):

@@ -134,9 +134,9 @@ def test_a_diverging_zeroth_order_run_is_a_user_error(tiny_model_dir, tmp_path, 
     from zotune.errors import UserError
     from zotune.scoring import Scorer
 
-    def nan_loss(self, prompts, labels, copies=None, choices=None):
+    def nan_loss(self, scoring, labels, copies=None):
         return torch.full(() if copies is None else (copies,), float("nan"), requires_grad=True)
 
-    monkeypatch.setattr(Scorer, "loss", nan_loss)
+    monkeypatch.setattr(Scorer, "cross_entropy", nan_loss)
     with pytest.raises(UserError, match="lower"):
         train(config(tiny_model_dir, tmp_path / "run", method=method, zero_shot=False))

@@ -5,11 +5,13 @@ training loss is the cross-entropy over the candidates' scores."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from zotune.engine.offload import device_of
 from zotune.errors import UserError
 from zotune.metrics import exact_match, token_f1
 
@@ -19,6 +21,39 @@ def _forward_accepts(model, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (host memory) on ``device``: from pinned memory without blocking the host on a GPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+@dataclass
+class Pairs:
+    """Rows of prompt + target tokens, left-padded, on the device: each row ends with its target."""
+
+    ids: torch.Tensor
+    attention: torch.Tensor
+    on_target: torch.Tensor  # [rows, longest] 1.0 on the target's tokens
+    lengths: torch.Tensor  # [rows] target lengths, float
+    longest: int
+
+
+@dataclass
+class Scoring:
+    """A minibatch's scoring inputs, on the device, built before a step so that its forwards
+    copy nothing from the host. ``mode``: next-token, pairs, choices or masked."""
+
+    mode: str
+    prompts: int
+    ids: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    pairs: Pairs | None = None
+    columns: torch.Tensor | None = None  # next-token and masked: the candidates' first tokens
+    position: torch.Tensor | None = None  # masked: each row's mask position
+    table: torch.Tensor | None = None  # choices: [prompts, width] index into the flat scores (or the -inf slot)
+
+
 class Scorer:
     """Scores the candidates of a task with a causal LM (candidate tokens follow the
     prompt) or a masked LM (one mask token after the prompt; single-token candidates).
@@ -26,6 +61,9 @@ class Scorer:
     ``candidates`` are the task's words; multiple-choice tasks give each prompt its own
     (``choices``) and generation tasks none: their answers are scored by
     :meth:`answer_loss` and produced by :meth:`generate` (greedy, causal LMs only).
+
+    Training closures (:func:`loss_function`) tokenize and move their minibatch to the
+    device once, when they are built; inside a step a forward reads only device tensors.
     """
 
     def __init__(self, model, tokenizer, candidates: list[str], kind: str = "causal", max_length: int = 256,
@@ -35,7 +73,9 @@ class Scorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.logits_to_keep = _forward_accepts(model, "logits_to_keep")
         self.position_ids = _forward_accepts(model, "position_ids")
+        self.use_cache = _forward_accepts(model, "use_cache")
         self.candidate_ids = [self._continuation(word) for word in candidates]
+        self._columns: dict = {}  # device -> the candidates' first tokens there
         if not candidates:
             return
         if any(not ids for ids in self.candidate_ids):
@@ -59,48 +99,35 @@ class Scorer:
         return self.tokenizer(self.separator + text, add_special_tokens=False)["input_ids"]
 
     @property
-    def device(self):
-        return next(self.model.parameters()).device
+    def device(self) -> torch.device:
+        """Where the model computes (not where its first weight is: an offloaded one lives in host memory)."""
+        return device_of(self.model)
+
+    # -- the public, one-call forms ------------------------------------------------
 
     def scores(self, prompts: list[str], copies: int = 1, choices: list[list[str]] | None = None) -> torch.Tensor:
         """[copies * len(prompts), n_candidates] mean log-likelihoods (differentiable when grad is on);
         ``copies`` repeats the batch along dim 0, copy-major (stacked zeroth-order evaluation).
         With ``choices`` (each prompt's own candidates) the columns are padded with -inf."""
-        if choices is not None:
-            return self._choice_scores(prompts, choices, copies)
-        if self.kind == "masked":
-            return self._masked_scores(prompts, copies)
-        return self._causal_scores(prompts, copies)
+        return self.score(self.prepare(prompts, choices), copies)
 
     def loss(self, prompts: list[str], labels: list[int], copies: int | None = None,
              choices: list[list[str]] | None = None) -> torch.Tensor:
         """The cross-entropy over the candidates; with ``copies``, one loss per copy of the batch."""
-        labels = torch.tensor(labels, device=self.device)
-        if copies is None:
-            return F.cross_entropy(self.scores(prompts, choices=choices), labels)
-        each = F.cross_entropy(self.scores(prompts, copies, choices), labels.repeat(copies), reduction="none")
-        return each.view(copies, len(prompts)).mean(1)
+        return self.cross_entropy(self.prepare(prompts, choices), to_device(torch.tensor(labels), self.device),
+                                  copies)
 
     def accuracy_loss(self, prompts: list[str], right: list[list[int]], copies: int | None = None,
                       choices: list[list[str]] | None = None) -> torch.Tensor:
         """Minus the minibatch accuracy (a zeroth-order objective: no gradient needed);
         ``right[i]`` lists the candidates that count as right for prompt i."""
-        scores = self.scores(prompts, copies or 1, choices)
-        predicted = scores.argmax(1).view(copies or 1, len(prompts))
-        is_right = torch.zeros(len(prompts), scores.shape[1], dtype=torch.bool, device=predicted.device)
-        for row, columns in enumerate(right):
-            is_right[row, columns] = True
-        hits = is_right.gather(1, predicted.T).T.float().mean(1)
-        return -hits if copies is not None else -hits[0]
+        scoring = self.prepare(prompts, choices)
+        return self.minus_accuracy(scoring, self.right_table(right, scoring), copies)
 
     def answer_loss(self, prompts: list[str], answers: list[str], copies: int | None = None) -> torch.Tensor:
         """Generation tasks: the mean negative log-likelihood of each answer's tokens (and the
         newline that ends it) after its prompt, averaged over the batch."""
-        self._need_causal("generation tasks")
-        targets = [self._continuation(answer) + self._newline() for answer in answers]
-        logp = -self._pair_logp([self._prompt_ids(p, self.max_length - len(t)) for p, t in zip(prompts, targets)],
-                                targets, copies or 1)
-        return logp.view(copies or 1, len(prompts)).mean(1) if copies is not None else logp.mean()
+        return self.answer_nll(self.prepare_answers(prompts, answers), len(prompts), copies)
 
     @torch.no_grad()
     def generate(self, prompts: list[str]) -> list[str]:
@@ -108,10 +135,128 @@ class Scorer:
         self._need_causal("generation tasks")
         room = self.max_length - self.max_new_tokens
         input_ids, attention = self._pad([self._prompt_ids(p, room) for p in prompts], left=True)
+        input_ids, attention = to_device(input_ids, self.device), to_device(attention, self.device)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
                                      max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id)
         texts = self.tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
         return [text.strip().split("\n")[0].strip() for text in texts]
+
+    # -- preparation: host work and one copy per tensor, before a step -------------------
+
+    def prepare(self, prompts: list[str], choices: list[list[str]] | None = None) -> Scoring:
+        """The scoring inputs of ``prompts`` (with their own ``choices``), on the device."""
+        device = self.device
+        if choices is not None:
+            self._need_causal("multiple-choice tasks")
+            tokenized = [[self._continuation(c) for c in row] for row in choices]
+            prompt_rows, targets = [], []
+            for prompt, row in zip(prompts, tokenized):
+                prompt_ids = self._prompt_ids(prompt, self.max_length - max(map(len, row)))
+                prompt_rows += [prompt_ids] * len(row)
+                targets += row
+            width, flat = max(map(len, tokenized)), len(targets)
+            table = torch.full((len(prompts), width), flat, dtype=torch.long)  # flat: the -inf slot
+            position = 0
+            for i, row in enumerate(tokenized):
+                table[i, : len(row)] = torch.arange(position, position + len(row))
+                position += len(row)
+            return Scoring("choices", len(prompts), pairs=self._pairs(prompt_rows, targets, device),
+                           table=to_device(table, device))
+        if self.kind == "masked":
+            rows = [self._prompt_ids(p + self.separator + self.tokenizer.mask_token, self.max_length) for p in prompts]
+            ids, attention = self._pad(rows, left=False)
+            # The mask we appended is the last one in each row.
+            position = ((ids == self.tokenizer.mask_token_id) * torch.arange(ids.shape[1])).argmax(1)
+            return Scoring("masked", len(prompts), to_device(ids, device), to_device(attention, device),
+                           columns=self._first_tokens(device), position=to_device(position, device))
+        n_cand, longest = len(self.candidate_ids), max(len(ids) for ids in self.candidate_ids)
+        if longest == 1:  # one forward per prompt scores every single-token candidate at once
+            ids, attention = self._pad([self._prompt_ids(p, self.max_length - 1) for p in prompts], left=True)
+            return Scoring("next-token", len(prompts), to_device(ids, device), to_device(attention, device),
+                           columns=self._first_tokens(device))
+        prompt_rows = [self._prompt_ids(p, self.max_length - longest) for p in prompts for _ in range(n_cand)]
+        return Scoring("pairs", len(prompts), pairs=self._pairs(prompt_rows, self.candidate_ids * len(prompts), device))
+
+    def prepare_answers(self, prompts: list[str], answers: list[str]) -> Pairs:
+        self._need_causal("generation tasks")
+        targets = [self._continuation(answer) + self._newline() for answer in answers]
+        return self._pairs([self._prompt_ids(p, self.max_length - len(t)) for p, t in zip(prompts, targets)], targets,
+                           self.device)
+
+    def _pairs(self, prompt_rows: list[list[int]], targets: list[list[int]], device) -> Pairs:
+        longest = max(map(len, targets))
+        ids, attention = self._pad([prompt + target for prompt, target in zip(prompt_rows, targets)], left=True)
+        lengths = torch.tensor([len(target) for target in targets])
+        on_target = (torch.arange(longest).unsqueeze(0) >= (longest - lengths).unsqueeze(1)).float()
+        return Pairs(to_device(ids, device), to_device(attention, device), to_device(on_target, device),
+                     to_device(lengths.float(), device), longest)
+
+    def right_table(self, right: list[list[int]], scoring: Scoring) -> torch.Tensor:
+        width = scoring.table.shape[1] if scoring.table is not None else len(self.candidate_ids)
+        is_right = torch.zeros(len(right), width, dtype=torch.bool)
+        for row, columns in enumerate(right):
+            is_right[row, columns] = True
+        return to_device(is_right, self.device)
+
+    def _first_tokens(self, device) -> torch.Tensor:
+        if device not in self._columns:
+            self._columns[device] = to_device(torch.tensor([ids[0] for ids in self.candidate_ids]), device)
+        return self._columns[device]
+
+    # -- computation on prepared inputs: device work only ---------------------------------
+
+    def score(self, scoring: Scoring, copies: int = 1) -> torch.Tensor:
+        """[copies * prompts, candidates] mean log-likelihoods of prepared inputs."""
+        if scoring.mode in ("pairs", "choices"):
+            flat = self._pair_logp(scoring.pairs, copies)
+            if scoring.mode == "pairs":
+                return flat.view(copies * scoring.prompts, -1)
+            padded = torch.cat([flat.view(copies, -1), flat.new_full((copies, 1), float("-inf"))], 1)
+            return padded[:, scoring.table].view(copies * scoring.prompts, -1)
+        ids, attention = scoring.ids.repeat(copies, 1), scoring.attention.repeat(copies, 1)
+        if scoring.mode == "next-token":
+            logits = self.model(**self._causal_inputs(ids, attention, keep=1)).logits[:, -1].float()
+        else:
+            logits = self.model(input_ids=ids, attention_mask=attention).logits
+            rows = torch.arange(ids.shape[0], device=logits.device)
+            logits = logits[rows, scoring.position.repeat(copies)].float()
+        return torch.log_softmax(logits, dim=-1)[:, scoring.columns]
+
+    def cross_entropy(self, scoring: Scoring, labels: torch.Tensor, copies: int | None = None) -> torch.Tensor:
+        if copies is None:
+            return F.cross_entropy(self.score(scoring), labels)
+        each = F.cross_entropy(self.score(scoring, copies), labels.repeat(copies), reduction="none")
+        return each.view(copies, scoring.prompts).mean(1)
+
+    def minus_accuracy(self, scoring: Scoring, is_right: torch.Tensor, copies: int | None = None) -> torch.Tensor:
+        predicted = self.score(scoring, copies or 1).argmax(1).view(copies or 1, scoring.prompts)
+        hits = is_right.gather(1, predicted.T).T.float().mean(1)
+        return -hits if copies is not None else -hits[0]
+
+    def answer_nll(self, pairs: Pairs, prompts: int, copies: int | None = None) -> torch.Tensor:
+        logp = -self._pair_logp(pairs, copies or 1)
+        return logp.view(copies or 1, prompts).mean(1) if copies is not None else logp.mean()
+
+    def _pair_logp(self, pairs: Pairs, copies: int) -> torch.Tensor:
+        """[copies * rows] mean log-likelihood of each row's target tokens after its prompt."""
+        ids, attention = pairs.ids.repeat(copies, 1), pairs.attention.repeat(copies, 1)
+        keep = pairs.longest + 1
+        logits = self.model(**self._causal_inputs(ids, attention, keep)).logits[:, -keep:].float()
+        targets = ids[:, -pairs.longest:]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return (logp * pairs.on_target.repeat(copies, 1)).sum(1) / pairs.lengths.repeat(copies)
+
+    def _causal_inputs(self, input_ids, attention, keep: int) -> dict:
+        kwargs = dict(input_ids=input_ids, attention_mask=attention)
+        if self.use_cache:  # a scoring forward needs no key/value cache: building one costs memory and host work
+            kwargs["use_cache"] = False
+        if self.position_ids:  # left padding: count positions from each row's first real token
+            kwargs["position_ids"] = (attention.cumsum(1) - 1).clamp(min=0)
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        return kwargs
+
+    # -- tokens ------------------------------------------------------------------------
 
     def _newline(self) -> list[int]:
         ids = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
@@ -121,80 +266,12 @@ class Scorer:
         if self.kind == "masked":
             raise UserError(f"{what} need a causal LM; this model is a masked LM")
 
-    def _choice_scores(self, prompts, choices, copies):
-        self._need_causal("multiple-choice tasks")
-        tokenized = [[self._continuation(c) for c in row] for row in choices]
-        prompt_rows, targets = [], []
-        for prompt, row in zip(prompts, tokenized):
-            prompt_ids = self._prompt_ids(prompt, self.max_length - max(map(len, row)))
-            prompt_rows += [prompt_ids] * len(row)
-            targets += row
-        flat = self._pair_logp(prompt_rows, targets, copies)
-        width = max(map(len, tokenized))
-        table = torch.full((copies * len(prompts), width), float("-inf"), device=flat.device, dtype=flat.dtype)
-        position = 0
-        for copy in range(copies):
-            for i, row in enumerate(tokenized):
-                table[copy * len(prompts) + i, : len(row)] = flat[position : position + len(row)]
-                position += len(row)
-        return table
-
     def _prompt_ids(self, prompt: str, room: int) -> list[int]:
         ids = self.tokenizer(prompt)["input_ids"]
         return ids[-room:]  # keep the end of a long prompt: the candidate must follow its last words
 
-    def _causal_scores(self, prompts, copies):
-        n_cand = len(self.candidate_ids)
-        longest = max(len(ids) for ids in self.candidate_ids)
-        if longest == 1:  # one forward per prompt scores every single-token candidate at once
-            return self._next_token_scores(prompts, copies)
-        prompt_rows = [self._prompt_ids(p, self.max_length - longest) for p in prompts for _ in range(n_cand)]
-        return self._pair_logp(prompt_rows, self.candidate_ids * len(prompts), copies).view(-1, n_cand)
-
-    def _pair_logp(self, prompt_rows: list[list[int]], targets: list[list[int]], copies: int) -> torch.Tensor:
-        """[copies * len(targets)] mean log-likelihood of each target's tokens after its prompt."""
-        longest = max(map(len, targets))
-        rows = [prompt + target for prompt, target in zip(prompt_rows, targets)]
-        lengths = [len(target) for target in targets]
-        input_ids, attention = self._pad(rows, left=True, copies=copies)
-        lengths = lengths * copies
-        keep = longest + 1
-        logits = self.model(**self._causal_inputs(input_ids, attention, keep)).logits[:, -keep:].float()
-        targets = input_ids[:, -longest:]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        lengths = torch.tensor(lengths, device=logp.device)
-        position = torch.arange(longest, device=logp.device)
-        on_candidate = position.unsqueeze(0) >= (longest - lengths).unsqueeze(1)
-        return (logp * on_candidate).sum(1) / lengths
-
-    def _next_token_scores(self, prompts, copies):
-        input_ids, attention = self._pad([self._prompt_ids(p, self.max_length - 1) for p in prompts], left=True,
-                                         copies=copies)
-        logits = self.model(**self._causal_inputs(input_ids, attention, keep=1)).logits[:, -1].float()
-        return torch.log_softmax(logits, dim=-1)[:, self._first_tokens(logits.device)]
-
-    def _causal_inputs(self, input_ids, attention, keep: int) -> dict:
-        kwargs = dict(input_ids=input_ids, attention_mask=attention)
-        if self.position_ids:  # left padding: count positions from each row's first real token
-            kwargs["position_ids"] = (attention.cumsum(1) - 1).clamp(min=0)
-        if self.logits_to_keep:
-            kwargs["logits_to_keep"] = keep
-        return kwargs
-
-    def _first_tokens(self, device):
-        return torch.tensor([ids[0] for ids in self.candidate_ids], device=device)
-
-    def _masked_scores(self, prompts, copies):
-        rows = [self._prompt_ids(p + self.separator + self.tokenizer.mask_token, self.max_length) for p in prompts]
-        input_ids, attention = self._pad(rows, left=False, copies=copies)
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-        at_mask = input_ids == self.tokenizer.mask_token_id
-        # The mask we appended is the last one in each row.
-        position = (at_mask * torch.arange(input_ids.shape[1], device=input_ids.device)).argmax(1)
-        mask_logits = logits[torch.arange(input_ids.shape[0], device=logits.device), position].float()
-        return torch.log_softmax(mask_logits, dim=-1)[:, self._first_tokens(logits.device)]
-
-    def _pad(self, rows, left: bool, copies: int = 1):
+    def _pad(self, rows, left: bool):
+        """Host tensors of the rows padded to one width."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -202,7 +279,7 @@ class Scorer:
             span = slice(width - len(row), width) if left else slice(0, len(row))
             ids[i, span] = torch.tensor(row)
             attention[i, span] = 1
-        return ids.repeat(copies, 1).to(self.device), attention.repeat(copies, 1).to(self.device)
+        return ids, attention
 
 
 def metric_of(task) -> str:
@@ -251,7 +328,8 @@ def loss_function(scorer: Scorer, task, examples, objective: str = "loss"):
     """The training closure of a minibatch, ``fn(copies=None)``: the task's loss (cross-entropy
     over the candidates, or the answer's negative log-likelihood for generation tasks), or
     a non-differentiable objective for zeroth-order methods: minus the accuracy, or minus
-    the token F1 of greedy answers."""
+    the token F1 of greedy answers. The minibatch is tokenized and on the device when this
+    returns, so that a step's forwards wait for no host copy."""
     prompts = [task.prompt(e) for e in examples]
     if task.format == "generation":
         if objective == "accuracy":
@@ -265,14 +343,19 @@ def loss_function(scorer: Scorer, task, examples, objective: str = "loss"):
                 answers = scorer.generate(prompts)
                 return -sum(token_f1(a, e.answers) for a, e in zip(answers, examples)) / len(examples)
             return minus_f1
-        answers = [e.answers[0] for e in examples]
-        return lambda copies=None: scorer.answer_loss(prompts, answers, copies)
+        if not examples:
+            return None
+        pairs = scorer.prepare_answers(prompts, [e.answers[0] for e in examples])
+        return lambda copies=None: scorer.answer_nll(pairs, len(prompts), copies)
     if objective == "f1":
         raise UserError(f"--objective f1 needs a generation task; {task.name} has candidates: use --objective "
                         "accuracy")
+    if not examples:
+        return None
     choices = [task.choices(e) for e in examples] if task.format == "multiple_choice" else None
+    scoring = scorer.prepare(prompts, choices)
     if objective == "accuracy":
-        right = [[e.label, *e.also_right] for e in examples]
-        return lambda copies=None: scorer.accuracy_loss(prompts, right, copies, choices)
-    labels = [e.label for e in examples]
-    return lambda copies=None: scorer.loss(prompts, labels, copies, choices)
+        is_right = scorer.right_table([[e.label, *e.also_right] for e in examples], scoring)
+        return lambda copies=None: scorer.minus_accuracy(scoring, is_right, copies)
+    labels = to_device(torch.tensor([e.label for e in examples]), scorer.device)
+    return lambda copies=None: scorer.cross_entropy(scoring, labels, copies)

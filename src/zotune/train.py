@@ -101,10 +101,11 @@ class Run:
         # The data first: its mistakes should not wait for a model to load.
         self.task = tasks.build_task(config)
         self.split = tasks.sample(self.task, config.n_train, config.n_dev, config.n_test, config.seed)
-        # An offloaded model stays in host memory: the method moves what stays resident to the device.
+        # An offloaded model stays in host memory: the method moves what stays resident to the device. Processes
+        # that share a GPU talk through gloo and compute on the CPU (FSDP2 cannot shard CUDA tensors over gloo).
         offload = getattr(config.options, "offload", "none") != "none"
-        model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind,
-                                                       device="cpu" if offload else None)
+        device = "cpu" if offload else (parallel.device.type if parallel is not None else None)
+        model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind, device=device)
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model

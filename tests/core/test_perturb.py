@@ -167,3 +167,22 @@ def test_cpu_buffers_are_kept_between_evaluations():
     assert kept
     optimizer.step(lm_closure(model))
     assert {t.data_ptr() for t in optimizer._scratch.values()} == kept
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["gpu-style", "cpu-style"])
+def test_without_kept_buffers_no_perturbed_copy_outlives_its_module(keep):
+    # On a GPU nothing is kept (scratch=None): a spare per weight shape would add several weights to the peak.
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    model = tiny_model("llama")
+    first, second = model.model.layers[0].self_attn.q_proj, model.model.layers[1]
+    perturbed, alive = [], []
+    handles = [first.register_forward_pre_hook(lambda m, a: perturbed.append(StorageWeakRef(m.weight.untyped_storage()))),
+               second.register_forward_pre_hook(lambda m, a: alive.append(not perturbed[-1].expired()))]
+    try:
+        with torch.no_grad(), Perturbation(items_of(model), draw(1), 1e-2, scratch={} if keep else None):
+            lm_closure(model)()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert perturbed[-1] is not None and alive == [keep]

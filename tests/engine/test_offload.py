@@ -6,7 +6,7 @@ import torch
 
 import zotune
 from zotune.engine.blocks import find_blocks
-from zotune.engine.offload import Offload
+from zotune.engine.offload import Offload, device_of
 
 from ..conftest import VOCAB, assert_same, snapshot, tiny_model
 
@@ -16,7 +16,7 @@ def stacked_closure(model, seed: int = 0, batch: int = 3, length: int = 10):
     ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
     def closure(copies=None):
-        x = (ids if copies is None else ids.repeat(copies, 1)).to(model.get_input_embeddings().weight.device)
+        x = (ids if copies is None else ids.repeat(copies, 1)).to(device_of(model))
         logits = model(input_ids=x).logits[:, :-1].float()
         each = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none")
         return each.mean() if copies is None else each.view(copies, -1).mean(1)
@@ -108,6 +108,27 @@ def test_tied_weights_cannot_be_offloaded():
     model = tiny_model("gpt2")  # lm_head is wte
     with pytest.raises(ValueError, match="outside the blocks"):
         Offload(model, [model.transformer.wte], "cpu")
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "separate"])
+def test_streamed_leaf_modules_are_perturbed_like_in_memory_ones(stacked):
+    # The embedding and head are leaf modules: the engine binds their weights in the very call that perturbs them.
+    runs = []
+    for offload in (False, True):
+        model = tiny_model("llama")  # untied head
+        optimizer = zotune.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, stacked=stacked, seed=3)
+        if offload:
+            leaves = [model.model.embed_tokens, *model.model.layers, model.lm_head]
+            engine = Offload(model, leaves, "cpu")
+            engine.attach(optimizer)
+        closure = stacked_closure(model)
+        losses = [optimizer.step(closure if stacked else (lambda: closure())) for _ in range(3)]
+        if offload:
+            engine.flush()
+        runs.append((losses, snapshot(model)))
+    (losses, weights), (offloaded_losses, offloaded) = runs
+    assert losses == offloaded_losses
+    assert_same(weights, offloaded)
 
 
 def test_embeddings_and_head_can_stream_too():

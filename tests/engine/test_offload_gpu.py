@@ -1,37 +1,119 @@
-"""The offload engine on a real GPU: pinned host buffers, three streams, events. Skipped without CUDA."""
+"""The offload engine on a real GPU: bit-identical to the in-memory run in fp32 and bf16,
+for MeZO and HZO, and uploads and write-backs that overlap the compute. Skipped without CUDA."""
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import zotune
-from zotune.engine.blocks import find_blocks
-from zotune.engine.offload import Offload
+from zotune.engine.offload import Offload, device_of
 
-from ..conftest import assert_same, snapshot, tiny_model
-from .test_offload import stacked_closure
+from ..conftest import VOCAB, assert_same, snapshot, tiny_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("merge", ["step", "resample"])
-def test_offloaded_run_on_the_gpu_equals_the_in_memory_one(merge):
+def cuda_closure(model, batch: int = 4, length: int = 12, vocab: int = VOCAB):
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+
+    def closure(copies=None):
+        x = (ids if copies is None else ids.repeat(copies, 1)).to(device_of(model))
+        logits = model(input_ids=x).logits[:, :-1].float()
+        each = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1), reduction="none")
+        return each.mean() if copies is None else each.view(copies, -1).mean(1)
+
+    return closure
+
+
+def streamed(model):
+    return [model.model.embed_tokens, *model.model.layers, model.lm_head]
+
+
+UPDATES = {"gaussian": "step", "lowrank": "step", "lowrank-factored": "resample"}  # the update: its merge
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("update", UPDATES)
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "separate"])
+def test_offloaded_mezo_on_cuda_equals_the_in_memory_run(dtype, update, stacked):
+    runs = []
+    for offload in (False, True):
+        direction = "gaussian" if update == "gaussian" else zotune.LowRank(rank=2, interval=2)
+        model = tiny_model("llama", dtype)  # untied head: embeddings, blocks and head all stream
+        if not offload:
+            model.cuda()
+        optimizer = zotune.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, direction=direction, stacked=stacked,
+                                merge=UPDATES[update], seed=2)
+        engine = Offload(model, streamed(model), "cuda") if offload else None
+        if engine:
+            engine.attach(optimizer)
+            assert engine.arena.pinned
+            assert all(p.is_pinned() for block in engine.blocks for p in block.params)  # registered pages
+        closure = cuda_closure(model)
+        losses = [optimizer.step(closure if stacked else (lambda: closure())) for _ in range(5)]
+        if engine:
+            engine.flush(merge=True)
+        optimizer.merge_factors()
+        runs.append((losses, {name: w.cpu() for name, w in snapshot(model).items()}))
+    (losses, weights), (offloaded_losses, offloaded) = runs
+    assert losses == offloaded_losses
+    assert_same(weights, offloaded)
+    assert any(not torch.equal(w, tiny_model("llama", dtype).state_dict()[n]) for n, w in weights.items())
+
+
+def test_offloaded_hzo_on_cuda_equals_the_in_memory_run():
     runs = []
     for offload in (False, True):
         model = tiny_model("llama")
         if not offload:
             model.cuda()
-        optimizer = zotune.MeZO(model.named_parameters(), lr=1e-2, eps=1e-2, stacked=True, seed=2, merge=merge,
-                                direction=zotune.LowRank(rank=2, interval=2))
-        engine = None
+        hzo = zotune.HZO(model, deep_blocks=1, lr_fo=1e-2, lr_zo=1e-2, eps=1e-2, interval=2, seed=1, stacked=True,
+                         order="joint", estimator="one-sided", merge="resample")
         if offload:
-            engine = Offload(model, [m for _, m in find_blocks(model).blocks], "cuda")
-            engine.attach(optimizer)
-            assert all(host.is_pinned() for block in engine.blocks for host in block.host.values())
-        closure = stacked_closure(model)
-        for _ in range(5):
-            optimizer.step(closure)
-        if engine:
+            model.cuda()  # the deep block, head and norms stay; the shallow block streams
+            engine = Offload(model, hzo.shallow_blocks, "cuda")
+            engine.attach(hzo.zo)
+        closure = cuda_closure(model)
+        for _ in range(4):
+            hzo.step(closure)
+        if offload:
             engine.flush(merge=True)
-        optimizer.merge_factors()
-        runs.append({name: weight.cpu() for name, weight in snapshot(model).items()})
+        else:
+            hzo.zo.merge_factors()
+        runs.append({name: w.cpu() for name, w in snapshot(model).items()})
     assert_same(*runs)
+
+
+def test_uploads_and_write_backs_overlap_the_compute():
+    # Blocks big enough that a copy takes a while; dense directions write every block back every step.
+    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).half().eval()
+    optimizer = zotune.MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, stacked=True)
+    engine = Offload(model, list(model.model.layers), "cuda")
+    engine.attach(optimizer)
+    closure = cuda_closure(model, batch=8, length=256, vocab=1024)
+    optimizer.step(closure)  # warm-up: kernels compiled, the probe run
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        optimizer.step(closure)
+        torch.cuda.synchronize()
+    gpu = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    copies = {"HtoD": [], "DtoH": []}
+    kernels = []
+    for event in gpu:
+        span = (event.time_range.start, event.time_range.end)
+        if "Memcpy HtoD" in event.name:
+            copies["HtoD"].append(span)
+        elif "Memcpy DtoH" in event.name:
+            copies["DtoH"].append(span)
+        elif not event.name.startswith(("Memcpy", "Memset")):
+            kernels.append(span)
+
+    def overlapping(spans):
+        return sum(any(a < d and c < b for c, d in kernels) for a, b in spans)
+
+    assert len(copies["HtoD"]) >= len(engine.blocks) and len(copies["DtoH"]) >= len(engine.blocks) - 1
+    assert overlapping(copies["HtoD"]) >= len(engine.blocks) // 2, "uploads waited for the compute"
+    assert overlapping(copies["DtoH"]) >= len(engine.blocks) // 2, "write-backs waited for the compute"

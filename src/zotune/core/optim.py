@@ -117,6 +117,7 @@ class MeZO(torch.optim.Optimizer):
         self._deferred_device = None
         self._receivers: list = []
         self._history_in_state = True
+        self.rider_values: list[float] = []
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
         super().__init__(params, defaults)
 
@@ -212,13 +213,15 @@ class MeZO(torch.optim.Optimizer):
             warnings.warn(f"{len(unread)} of {len(active)} parameters were not read by the loss ({listed}); "
                           "their perturbation had no effect", stacklevel=4)
 
-    def estimate(self, closure, unperturbed_loss=None) -> float:
+    def estimate(self, closure, unperturbed_loss=None, riders=()) -> float:
         """Evaluate the closure at the estimator's points and keep the step's coefficients.
 
         The first half of a step, for trainers that compute the loss themselves;
         :meth:`step` without a closure then applies the update. ``unperturbed_loss``: the
         loss at the current weights when the caller has it already (one-sided estimators
-        then evaluate the perturbed points alone).
+        then evaluate the perturbed points alone). ``riders``: scalar tensors (a first-order
+        phase's loss) read in the same host transfer as the step's losses, so that the step
+        waits for the device once; their values are then in :attr:`rider_values`.
         """
         active, skipped = self._active()
         eps = self._eps()
@@ -244,7 +247,8 @@ class MeZO(torch.optim.Optimizer):
             losses[0] = unperturbed_loss.detach() if isinstance(unperturbed_loss, torch.Tensor) else unperturbed_loss
         if parallel is not None:  # a point another rank owns counts there alone
             losses = [loss if parallel.contributes(sample) else 0.0 for loss, sample in zip(losses, samples)]
-        values = _to_floats(losses, parallel)  # the step's one host synchronisation (and all-reduce)
+        values = _to_floats(losses, parallel, riders)  # the step's one host synchronisation (and all-reduce)
+        values, self.rider_values = values[:len(losses)], values[len(losses):]
         if not all(math.isfinite(v) for v in values):
             raise FloatingPointError(f"the closure returned a non-finite loss ({values}) at step {self.steps_done}; "
                                      "lower lr or eps, or use float32/bfloat16")
@@ -254,9 +258,9 @@ class MeZO(torch.optim.Optimizer):
 
     # -- update -----------------------------------------------------------
 
-    def step(self, closure=None, unperturbed_loss=None) -> float | None:
-        """One step: ``estimate(closure, unperturbed_loss)`` (if a closure is given) then the update."""
-        loss = self.estimate(closure, unperturbed_loss) if closure is not None else None
+    def step(self, closure=None, unperturbed_loss=None, riders=()) -> float | None:
+        """One step: ``estimate(closure, unperturbed_loss, riders)`` (if a closure is given) then the update."""
+        loss = self.estimate(closure, unperturbed_loss, riders) if closure is not None else None
         if self._pending is None:
             raise RuntimeError("MeZO.step() needs a closure, or a call to estimate(closure) first")
         record = self._pending
@@ -420,15 +424,23 @@ class MeZO(torch.optim.Optimizer):
             self._rebuild_factors()
 
 
-def _to_floats(losses, parallel=None) -> list[float]:
-    tensors = [loss for loss in losses if isinstance(loss, torch.Tensor)]
+def _to_floats(losses, parallel=None, riders=()) -> list[float]:
+    """The losses (then the riders, not all-reduced) as floats, in one transfer from the device."""
+    tensors = [loss for loss in (*losses, *riders) if isinstance(loss, torch.Tensor)]
     if not tensors and parallel is None:
-        return [float(loss) for loss in losses]
+        return [float(loss) for loss in (*losses, *riders)]
     device = tensors[0].device if tensors else torch.device("cpu")
-    stacked = torch.stack([loss.detach().reshape(()).to(device, torch.float64) if isinstance(loss, torch.Tensor)
-                           else torch.tensor(float(loss), dtype=torch.float64, device=device) for loss in losses])
+
+    def as_float64(value):
+        if isinstance(value, torch.Tensor):  # on the device already: a dtype change, no copy from the host
+            return value.detach().reshape(()).to(dtype=torch.float64)
+        return torch.full((), float(value), dtype=torch.float64, device=device)
+
+    stacked = torch.stack([as_float64(loss) for loss in losses])
     if parallel is not None:
         stacked = parallel.combine_losses(stacked)
+    if riders:
+        stacked = torch.cat([stacked, torch.stack([as_float64(rider) for rider in riders])])
     return stacked.tolist()
 
 

@@ -56,8 +56,9 @@ class Perturbation:
                  scratch: dict | None = None):
         self.draw, self.eps, self.probe = draw, eps, probe
         # Scratch tensors kept between evaluations (one per shape and dtype): fresh CPU allocations
-        # of this size cost page faults on every forward.
-        self._scratch = {} if scratch is None else scratch
+        # of this size cost page faults on every forward. None (on a GPU): none kept, not even within the
+        # forward, where a spare per weight shape would add up to several weights beyond the one being perturbed.
+        self._scratch = scratch
         self._by_id = {id(item.param): item for item in params}
         self._whole = {pid for pid in whole if pid in self._by_id}
         self._swapped: dict[int, tuple[torch.Tensor, int]] = {}
@@ -95,7 +96,8 @@ class Perturbation:
     def _swap_in(self, pid: int) -> None:
         item = self._by_id[pid]
         original = item.param.data
-        spare = self._scratch.pop((original.shape, original.dtype, original.device), None)
+        spare = None if self._scratch is None else self._scratch.pop((original.shape, original.dtype, original.device),
+                                                                      None)
         item.param.data = item.direction.perturbed(original, item.key, self.draw, self.eps, spare)
         self._swapped[pid] = (original, 1)
 
@@ -164,7 +166,7 @@ class Perturbation:
         scratch = self._by_id[pid].param.data
         self._by_id[pid].param.data = original
         del self._swapped[pid]
-        if scratch.is_contiguous():
+        if self._scratch is not None and scratch.is_contiguous():
             self._scratch[(scratch.shape, scratch.dtype, scratch.device)] = scratch
 
     def _saw(self, tensor) -> None:

@@ -15,6 +15,10 @@ projected gradients and write the same update, with no weights or gradients exch
   rank all the losses exactly (x + 0 = x): the 1-process n-SPSA run, bit for bit.
 
 Only rank 0 writes files, logs and progress bars (:attr:`Parallel.main`).
+
+Under torchrun the ranks use NCCL when every one of them has a GPU of its own, gloo on CPU
+tensors otherwise (more processes than GPUs on a machine, or none); ``ZOTUNE_DIST_BACKEND``
+(``gloo`` or ``nccl``) forces one.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from zotune.errors import UserError
+from zotune.errors import UserError, unknown
 
 MODES = ("data", "perturbations")
+BACKENDS = ("gloo", "nccl")
+BACKEND_VARIABLE = "ZOTUNE_DIST_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -86,31 +92,31 @@ class Parallel:
         return total / self.world if self.mode == "data" else total
 
     @torch.no_grad()
-    def average_gradients(self, params, loss: float | None = None) -> float | None:
+    def average_gradients(self, params, loss: torch.Tensor | None = None) -> torch.Tensor | None:
         """Data mode: every rank's gradients of ``params`` become their mean over the ranks, in
         one all-reduce per gradient dtype (``loss``, the rank's loss, rides along in float32
-        and comes back averaged). In perturbation mode every rank saw the whole batch
-        already: nothing to do."""
+        and comes back averaged, still a tensor: nothing here waits for the device). In
+        perturbation mode every rank saw the whole batch already: nothing to do."""
         if self.mode != "data":
             return loss
         buckets: dict[torch.dtype, list[torch.Tensor]] = {}
         for param in params:
             if param.grad is not None:
                 buckets.setdefault(param.grad.dtype, []).append(param.grad)
-        extra = [] if loss is None else [torch.tensor([float(loss)])]
-        if extra and torch.float32 not in buckets:
+        if loss is not None and torch.float32 not in buckets:
             buckets[torch.float32] = []
         for dtype, grads in buckets.items():
-            riders = extra if dtype == torch.float32 else []
             device = grads[0].device if grads else self.device
-            flat = torch.cat([g.reshape(-1) for g in grads] + [r.to(device) for r in riders])
+            riders = [loss.detach().reshape(1).to(device, torch.float32)] if loss is not None and dtype == torch.float32 \
+                else []
+            flat = torch.cat([g.reshape(-1) for g in grads] + riders)
             flat = self._all_reduce(flat) / self.world
             offset = 0
             for grad in grads:
                 grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
                 offset += grad.numel()
             if riders:
-                loss = float(flat[-1])
+                loss = flat[-1]
         return loss
 
     def sum(self, values: list[float]) -> list[float]:
@@ -130,16 +136,52 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def average_gradients(parallel: Parallel | None, params, loss) -> float:
-    """``float(loss)``; in a data-parallel run, the ranks' mean loss, and the gradients of
-    ``params`` replaced by their mean (call it between backward and clipping)."""
-    loss = float(loss)
+def average_gradients(parallel: Parallel | None, params, loss: torch.Tensor) -> torch.Tensor:
+    """The detached ``loss``; in a data-parallel run, the ranks' mean loss, and the gradients
+    of ``params`` replaced by their mean (call it between backward and clipping). It stays
+    on the device: the caller reads it with the step's other values."""
+    loss = loss.detach()
     return loss if parallel is None else parallel.average_gradients(list(params), loss)
+
+
+def gpu_per_process() -> bool:
+    """Whether this machine has a GPU for each process torchrun started on it."""
+    # Without torchrun's LOCAL_WORLD_SIZE, assume every rank shares this machine: gloo is slower, NCCL would fail.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return torch.cuda.is_available() and local_world <= torch.cuda.device_count()
+
+
+def choose_backend(every_rank_has_gpu: bool) -> str:
+    """The process group's backend, given whether every rank has a GPU of its own."""
+    forced = os.environ.get(BACKEND_VARIABLE, "").strip().lower()
+    if not forced:
+        return "nccl" if every_rank_has_gpu else "gloo"
+    if forced not in BACKENDS:
+        raise UserError(f"{BACKEND_VARIABLE}: {unknown('backend', forced, BACKENDS)}")
+    if forced == "nccl" and not every_rank_has_gpu:
+        raise UserError(f"{BACKEND_VARIABLE}=nccl needs a GPU for every process, and a machine has more processes "
+                        f"than GPUs: start at most one process per GPU, or unset {BACKEND_VARIABLE} to use gloo")
+    return forced
+
+
+def _init_from_torchrun() -> None:
+    store, rank, world = next(dist.rendezvous("env://"))
+    # Every rank must pick the same backend, and machines may differ: each publishes its own
+    # verdict through torchrun's store, and all decide on all of them.
+    votes = dist.PrefixStore("zotune/gpu-per-process", store)
+    votes.set(str(rank), "1" if gpu_per_process() else "0")
+    keys = [str(other) for other in range(world)]
+    votes.wait(keys)
+    backend = choose_backend(all(votes.get(key) == b"1" for key in keys))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # The prefix init_process_group gives the store of its own rendezvous: the group's keys stay apart from torchrun's.
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
 
 
 def setup(mode: str = "data") -> Parallel | None:
     """The Parallel of this process: from an initialised process group, or from torchrun's
-    environment (initialising the group: NCCL on GPUs, gloo on CPUs); None for one process."""
+    environment (initialising the group, see the module docstring); None for one process."""
     if mode not in MODES:
         raise UserError(f"--parallel {mode!r} is not one of {', '.join(MODES)}")
     if not dist.is_available():
@@ -147,9 +189,7 @@ def setup(mode: str = "data") -> Parallel | None:
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return None
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _init_from_torchrun()
     if dist.get_world_size() <= 1:
         return None
     return Parallel(mode, dist.get_rank(), dist.get_world_size())

@@ -1,7 +1,7 @@
 """Block-wise offload: a model's blocks live in host memory and stream through the device.
 
-Each offloaded block keeps its weights in one flat host buffer per dtype (pinned when
-the device is a GPU). The device holds a few *slots*, flat buffers the size of the
+Each offloaded block keeps its weights in its part of one host buffer per dtype (page-locked
+when the device is a GPU; :mod:`zotune.engine.host_memory`). The device holds a few *slots*, flat buffers the size of the
 largest block; a block is bound to a slot (its parameters become views of the slot)
 only while it computes. Three streams overlap the work of consecutive blocks:
 
@@ -30,34 +30,57 @@ weights (checkpoints); ``flush(merge=True)`` also writes the factors into the we
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from zotune.engine.host_memory import HostArena
+
+# Device slots: one block uploading, one computing, one writing back. zotune memory reads it too.
+SLOTS = 3
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device ``model`` computes on: that of its first parameter that an engine does not
+    stream (a streamed one lives in host memory between its forwards)."""
+    for p in model.parameters():
+        if not getattr(p, "_zotune_streamed", False):
+            return p.device
+    return next((b.device for b in model.buffers()), torch.device("cpu"))
 
 
 class _Block:
-    """One offloaded module: its matrices, their host buffers, and where it is now."""
+    """One offloaded module: its matrices, their place in the host arena, and where it is now."""
 
-    def __init__(self, index: int, module: nn.Module, pin: bool):
+    def __init__(self, index: int, module: nn.Module):
         self.index, self.module = index, module
         self.params = [p for p in module.parameters() if p.ndim >= 2]
+        for p in self.params:
+            p._zotune_streamed = True  # lives in host memory between forwards: see device_of
         self.ids = {id(p) for p in self.params}
         self.sizes: dict[torch.dtype, int] = {}
         self.offsets: list[tuple[torch.dtype, int]] = []
         for p in self.params:
             self.offsets.append((p.dtype, self.sizes.get(p.dtype, 0)))
             self.sizes[p.dtype] = self.sizes.get(p.dtype, 0) + p.numel()
-        self.host = {dtype: torch.empty(size, dtype=dtype, pin_memory=pin) for dtype, size in self.sizes.items()}
-        for view, p in zip(self._views(self.host), self.params):
-            view.copy_(p.detach().reshape(-1).cpu())
-        self.bind(self.host)
+        self.host: dict = {}
         self.slot: _Slot | None = None
         self.uploaded = self.written_back = None  # events; None: nothing in flight
         self.pending: list = []
         self.dirty = False
         self.depth = 0  # calls of the module in progress: a stacked evaluation re-runs leaf modules
+
+    def move_to(self, host: dict) -> None:
+        """Copies the weights into ``host`` (this block's part of the arena) and binds them there:
+        the memory they held is freed now, before the next block is copied."""
+        self.host = host
+        for view, p in zip(self._views(host), self.params):
+            view.copy_(p.detach().reshape(-1))
+        self.bind(host)
 
     def _views(self, flats: dict):
         return [flats[dtype][offset : offset + p.numel()] for (dtype, offset), p in zip(self.offsets, self.params)]
@@ -86,7 +109,7 @@ class Offload:
         slots: device buffers for blocks (3: upload, compute and write-back in flight).
     """
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], device, slots: int = 3):
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], device, slots: int = SLOTS):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.device = torch.device(device)
@@ -107,7 +130,20 @@ class Offload:
             for name, buffer in model.named_buffers():  # buffers are small: they stay on the device
                 owner, _, leaf = name.rpartition(".")
                 model.get_submodule(owner)._buffers[leaf] = buffer.to(self.device)
-        self.blocks = [_Block(i, module, pin=self.gpu) for i, module in enumerate(blocks)]
+        self.blocks = [_Block(i, module) for i, module in enumerate(blocks)]
+        totals: dict[torch.dtype, int] = {}
+        for block in self.blocks:
+            for dtype, size in block.sizes.items():
+                totals[dtype] = totals.get(dtype, 0) + size
+        self.arena = HostArena(totals)
+        used = dict.fromkeys(totals, 0)
+        for block in self.blocks:
+            block.move_to({dtype: self.arena.flats[dtype][used[dtype] : used[dtype] + size]
+                           for dtype, size in block.sizes.items()})
+            for dtype, size in block.sizes.items():
+                used[dtype] += size
+        if self.gpu:
+            self.arena.pin()
         largest: dict[torch.dtype, int] = {}
         for block in self.blocks:
             for dtype, size in block.sizes.items():
@@ -117,9 +153,23 @@ class Offload:
         if self.gpu:
             self.upload_stream, self.write_stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
         self._optimizers: list = []
-        self._handles = []
+        # Binding is a *global* pre-hook, registered before any Perturbation's (global hooks run first, in order of
+        # registration): a streamed leaf module (embedding, head) must be bound before its weights are perturbed,
+        # or the perturbed copy is made of the host buffer and dropped by the binding. Release is a module hook,
+        # which runs after the global ones, so after a perturbation has handed the weights back.
+        self._by_module = {id(block.module): block for block in self.blocks}
+        engine = weakref.ref(self)  # the process-wide hook must not keep the engine alive
+
+        def before(module, args):
+            alive = engine()
+            block = alive and alive._by_module.get(id(module))
+            if block is not None and block.module is module:
+                alive._enter(block)
+
+        bind_hook = register_module_forward_pre_hook(before)
+        weakref.finalize(self, bind_hook.remove)
+        self._handles = [bind_hook]
         for block in self.blocks:
-            self._handles.append(block.module.register_forward_pre_hook(self._hook_before(block)))
             self._handles.append(block.module.register_forward_hook(self._hook_after(block), always_call=True))
 
     # -- streams and events (no-ops on a CPU device, where copies are synchronous) --
@@ -157,13 +207,10 @@ class Offload:
         block.slot = slot
         return True
 
-    def _hook_before(self, block: _Block):
-        def before(module, args):
-            block.depth += 1
-            if block.depth > 1:  # already bound
-                return
+    def _enter(self, block: _Block) -> None:
+        block.depth += 1
+        if block.depth == 1:  # deeper: a stacked evaluation re-running a bound leaf module
             self._bind(block, prefetch=True)
-        return before
 
     def _bind(self, block: _Block, prefetch: bool = False) -> None:
         """Makes the block's parameters views of its slot (uploading it first if it was not
@@ -251,3 +298,8 @@ class Offload:
     def device_bytes(self) -> int:
         """Bytes of the device slots (what the offloaded blocks cost on the device)."""
         return sum(f.numel() * f.element_size() for slot in self._all_slots for f in slot.flats.values())
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host memory holding the offloaded blocks (exactly their weights: no rounding)."""
+        return self.arena.nbytes

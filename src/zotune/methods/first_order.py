@@ -38,9 +38,9 @@ class FT(Method):
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
-        value = average_gradients(self.parallel, self.model.parameters(), loss.detach())
+        value = average_gradients(self.parallel, self.model.parameters(), loss)
         self.optimizer.step()
-        return {"loss": value, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {"loss": float(value), "lr": self.optimizer.param_groups[0]["lr"]}  # read after the update is queued
 
 
 @dataclass

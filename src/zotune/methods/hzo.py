@@ -152,12 +152,15 @@ class HZO(Hybrid):
         fo_now = self.fo_due()
         if fo_now and self.order == "joint":
             return self._joint(closure)
-        if fo_now and self.order == "fo-first":
-            self._first_order(closure)
+        # fo-first: the first-order loss is read with the zeroth-order losses (one wait for the device); zo-first
+        # computes it after that read, at the updated weights, so reads it apart.
+        riders = (self._first_order(closure),) if fo_now and self.order == "fo-first" else ()
         self.model.eval()  # dropout would make the perturbed losses differ
-        loss = self.zo.step(closure)
+        loss = self.zo.step(closure, riders=riders)
+        if riders:
+            self._note_fo_loss(self.zo.rider_values[0])
         if fo_now and self.order == "zo-first":
-            self._first_order(closure)
+            self._note_fo_loss(float(self._first_order(closure)))
         return loss
 
     def _joint(self, closure) -> float:
@@ -167,6 +170,7 @@ class HZO(Hybrid):
             unperturbed = self._gradients(closure, train=False)
             loss = self.zo.step(closure, unperturbed_loss=unperturbed)
             self._apply_gradients(unperturbed)
+            self._note_fo_loss(loss)  # the one-sided estimator's loss is the unperturbed one
             return loss
         # Stacked: one forward over [unperturbed, perturbed...] copies, autograd from the first
         # deep block on; the backward starts from the unperturbed copy's loss alone.
@@ -183,10 +187,12 @@ class HZO(Hybrid):
         self._backward(unperturbed)
         self.zo.step()
         self._apply_gradients(unperturbed.detach())
+        self._note_fo_loss(loss)
         return loss
 
-    def _first_order(self, closure) -> None:
-        self._apply_gradients(self._gradients(closure))
+    def _first_order(self, closure) -> torch.Tensor:
+        """One first-order phase; its loss, on the device."""
+        return self._apply_gradients(self._gradients(closure))
 
     def _gradients(self, closure, train: bool = True) -> torch.Tensor:
         """The loss, with the deep part's gradients; the shallow part runs without autograd."""
@@ -206,17 +212,19 @@ class HZO(Hybrid):
         for param, grad in zip(self.deep, torch.autograd.grad(loss, self.deep, allow_unused=True)):
             param.grad = grad
 
-    def _apply_gradients(self, loss: torch.Tensor) -> None:
+    def _apply_gradients(self, loss: torch.Tensor) -> torch.Tensor:
         loss = average_gradients(self.parallel, self.deep, loss)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.deep, self.max_grad_norm)
         self.fo.step()
         self.fo.zero_grad(set_to_none=True)  # nothing held through the next zeroth-order phase
         self.fo_steps += 1
-        self.last_fo_loss = float(loss)
-        if not math.isfinite(self.last_fo_loss):
-            raise FloatingPointError(f"the first-order loss is {self.last_fo_loss} at step {self.zo.steps_done}; "
-                                     "lower lr")
+        return loss
+
+    def _note_fo_loss(self, value: float) -> None:
+        self.last_fo_loss = value
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the first-order loss is {value} at step {self.zo.steps_done}; lower lr")
 
     def state_dict(self) -> dict:
         return {"fo": self.fo.state_dict() if self.fo else None, "zo": self.zo.state_dict(),

@@ -84,20 +84,22 @@ class LMAO(Hybrid):
         with torch.enable_grad():
             loss = closure()
         loss.backward()
-        value = average_gradients(self.parallel, self.adapters, loss.detach())
+        fo_loss = average_gradients(self.parallel, self.adapters, loss)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.adapters, self.max_grad_norm)
         self.fo.step()
         self.fo.zero_grad(set_to_none=True)  # no gradient is held through the ZO phase
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the LoRA phase's loss is {value} at step {self.zo.steps_done}; lower lr_lora")
-        # ZO phase: the same batch, the new adapters, the base weights perturbed in turn.
+        # ZO phase: the same batch, the new adapters, the base weights perturbed in turn. The LoRA loss is read
+        # with the ZO losses: one wait for the device per step.
         self.model.eval()
         self._train_only(self.base)
         try:
-            self.zo.step(closure)
+            self.zo.step(closure, riders=(fo_loss,))
         finally:
             self._train_only(self.adapters)
+        value = self.zo.rider_values[0]
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the LoRA phase's loss is {value} at step {self.zo.steps_done}; lower lr_lora")
         return value
 
     def state_dict(self) -> dict:

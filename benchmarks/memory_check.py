@@ -3,6 +3,7 @@ process (random-init model from a built-in config, 3 steps through `zotune bench
 measured peak is the most bytes malloc had handed out at once (glibc's mallinfo2, sampled
 every 0.5 ms, minus what was allocated after the imports): the CPU's analogue of a GPU's
 max_memory_allocated. Peak RSS is shown beside it (it also counts freed memory malloc keeps).
+On the CPU an offloaded run's host and device memory are one: its estimate is the row's peak plus its CPU RAM.
 
     .venv/bin/python benchmarks/memory_check.py [--model smollm2] [--batch-size 8] [--length 64]
 """
@@ -16,7 +17,8 @@ import subprocess
 import sys
 
 # zotune bench row -> zotune memory row
-ROWS = {"forward": "inference", "mezo": "mezo", "lora-ft": "lora-ft", "ft": "ft", "lmao": "lmao", "hzo": "hzo"}
+ROWS = {"forward": "inference", "mezo": "mezo", "mezo-offload": "mezo-offload", "lora-ft": "lora-ft", "ft": "ft",
+        "lmao": "lmao", "hzo": "hzo", "hzo-offload": "hzo-offload"}
 
 
 def rss_bytes() -> int:
@@ -51,7 +53,8 @@ def main() -> None:
                               str(args.length)], capture_output=True, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         allocated, rss = result["allocated"], result["rss"]
-        print(f"| {row} | {estimates[row] / 2**20:.0f} | {allocated / 2**20:.0f} | {estimates[row] / allocated:.2f} | "
+        estimated = estimates[row] + estimates.host.get(row, 0)
+        print(f"| {row} | {estimated / 2**20:.0f} | {allocated / 2**20:.0f} | {estimated / allocated:.2f} | "
               f"{rss / 2**20:.0f} |", flush=True)
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from zotune import bench, cli, memory
+from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
+from zotune.methods import HZOConfig, HZOMethod, MeZOConfig, MeZOMethod
 
 from .conftest import tiny_model
 
@@ -16,20 +18,46 @@ def test_the_meta_model_is_counted_like_the_real_one():
     assert shape.params == sum(p.numel() for p in named.values())
     assert shape.largest == max(p.numel() for p in named.values())
     assert shape.blocks == 2 and shape.block == sum(p.numel() for n, p in named.items() if n.startswith("model.layers.0."))
-    assert shape.resident == shape.params - 2 * shape.block
+    assert shape.matrices == tuple(sum(p.numel() for p in layer.parameters() if p.ndim == 2)
+                                   for layer in model.model.layers)
     # LoRA r 8 on q_proj (32 -> 32) and v_proj (32 -> 16) of each block.
     assert shape.lora == 2 * 8 * ((32 + 32) + (32 + 16))
 
 
-def test_estimates_keep_the_methods_order_and_offload_keeps_two_blocks():
+def test_estimates_keep_the_methods_order_and_offload_streams_the_blocks():
     shape = memory.shape_of(bench.build_config("opt-13b"))
     assert 12.8e9 < shape.params < 12.9e9 and shape.blocks == 40
     peak = memory.estimate(shape, 16, 128, "fp16")
     assert peak["mezo"] - peak["inference"] == shape.largest * 2  # one perturbed copy of the largest tensor
     assert peak["inference"] < peak["mezo"] < peak["lora-ft"] < peak["ft"]
-    assert peak["mezo-offload"] < 0.15 * peak["mezo"] and peak["hzo-offload"] < peak["hzo"]
+    assert peak["mezo-offload"] < 0.2 * peak["mezo"] and peak["hzo-offload"] < peak["hzo"]
+    assert peak.host["mezo-offload"] == sum(shape.matrices) * 2 > peak.host["hzo-offload"]
+    # Offloaded MeZO stacks its evaluations: its forward's transient grows with each copy of the batch.
+    twice = memory.estimate(shape, 32, 128, "fp16")
+    copies = memory.stacked_copies(MeZOConfig)
+    assert copies == 2 and twice["mezo-offload"] - peak["mezo-offload"] == copies * (twice["mezo"] - peak["mezo"])
     # Twice the dtype, twice the weights.
     assert memory.estimate(shape, 16, 128, "fp32")["inference"] > 1.9 * peak["inference"]
+
+
+@pytest.mark.parametrize("method", ["mezo", "hzo"])
+def test_the_offload_terms_are_what_the_engine_allocates(family, method):
+    model = tiny_model(family)
+    shape = memory.shape_of(model.config)
+    if method == "mezo":
+        built = MeZOMethod(model, MeZOConfig(offload="cpu"))
+        deep, blocks = 0, [module for _, module in find_blocks(model).blocks]
+    else:  # the deep blocks train by first order and stay on the device
+        built = HZOMethod(model, HZOConfig(offload="cpu"))
+        deep, blocks = built.config.deep_blocks, built.optimizer.shallow_blocks
+    assert 0 < len(blocks) == shape.blocks - deep
+    assert memory.slot_bytes(shape, "fp32", deep) == built.engine.device_bytes
+    # Streamed matrices are views of the engine's host buffers: what those hold is the host term, the rest stays.
+    host = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+            for block in blocks for p in block.parameters() if p.ndim >= 2}
+    assert memory.host_bytes(shape, "fp32", deep) == sum(host.values())
+    stays = sum(p.numel() * 4 for p in model.parameters() if p.untyped_storage().data_ptr() not in host)
+    assert shape.params * 4 - memory.host_bytes(shape, "fp32", deep) == stays
 
 
 def test_the_command_answers_for_a_built_in_config_and_says_what_fits(capsys):
@@ -38,6 +66,9 @@ def test_the_command_answers_for_a_built_in_config_and_says_what_fits(capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert set(rows) == set(memory.METHODS)
     assert rows["mezo"][-1] == "no" and rows["mezo-offload"][-1] == "yes"
+    # The offloaded rows add the CPU RAM of the streamed blocks: 96 blocks of 12 h² fp16 weights (h 12288).
+    assert len(rows["mezo"]) == 3 and float(rows["mezo-offload"][2]) == round(96 * 12 * 12288**2 * 2 / 2**30, 2)
+    assert float(rows["hzo-offload"][2]) == round(95 * 12 * 12288**2 * 2 / 2**30, 2)  # the deep block stays
 
 
 @pytest.mark.parametrize("text, expected", [("24GB", 24 * 2**30), ("80 GiB", 80 * 2**30), ("40", 40 * 2**30)])

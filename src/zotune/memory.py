@@ -23,20 +23,31 @@ Per method:
 * LoRA-FT: ``W`` + the adapters with AdamW + every block's stored activations + the logits;
 * LMAO: the larger of LoRA-FT and MeZO (with the adapters);
 * HZO (its defaults: joint order, one-sided, stacked): ``W`` + the deep blocks' AdamW
-  state + two copies of the batch's deep activations, logits and logit gradients (low-rank
+  state + the stacked copies' deep activations, logits and logit gradients (low-rank
   directions: no weight-sized copy);
-* offloaded (``--offload cpu``): the embeddings, head and first-order blocks stay; two
-  block slots (one computing, one arriving) replace the streamed blocks.
+* offloaded (``--offload cpu``): the embeddings, head, first-order blocks and the streamed
+  blocks' vectors (norms, biases) stay; :data:`~zotune.engine.offload.SLOTS` device slots,
+  each the size of the largest streamed block's matrices, replace the streamed blocks
+  (:func:`slot_bytes`). MeZO always stacks its evaluations when offloading: its forward
+  reads the batch once per stacked copy. The streamed matrices live in host memory,
+  once (:func:`host_bytes`, the table's "CPU RAM" column).
+
+A stacked forward repeats the batch once per point the method's default estimator
+evaluates (:func:`stacked_copies`: two for MeZO's SPSA and for HZO's one-sided estimator).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
+from zotune.core.estimate import get as estimator
 from zotune.engine.blocks import find_blocks
+from zotune.engine.offload import SLOTS
 from zotune.errors import UserError
+from zotune.methods.hzo import HZOConfig
+from zotune.methods.mezo import MeZOConfig
 from zotune.models import kind_of
 
 METHODS = ("inference", "mezo", "mezo-offload", "lora-ft", "ft", "lmao", "hzo", "hzo-offload")
@@ -51,7 +62,7 @@ class Shape:
     largest: int  # elements of the largest tensor
     block: int  # elements of one transformer block
     blocks: int
-    resident: int  # elements outside the blocks (embeddings, head, final norm), tied weights once
+    matrices: tuple[int, ...]  # elements of each block's matrices (what offload streams), in forward order
     hidden: int
     ffn: int
     vocab: int
@@ -71,8 +82,8 @@ def shape_of(config) -> Shape:
             raise UserError(f"cannot build a {kind} LM from this config ({str(error).splitlines()[0]})") from None
     layout = find_blocks(model)
     named = dict(model.named_parameters())  # tied weights once
-    in_blocks = {name for prefix, _ in layout.blocks for name in named if name.startswith(prefix + ".")}
     block_sizes = [sum(p.numel() for n, p in named.items() if n.startswith(prefix + ".")) for prefix, _ in layout.blocks]
+    matrices = tuple(sum(p.numel() for p in module.parameters() if p.ndim >= 2) for _, module in layout.blocks)
     lora = 0
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj") and isinstance(module, torch.nn.Linear):
@@ -81,38 +92,72 @@ def shape_of(config) -> Shape:
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
     ffn = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
     return Shape(params=sum(p.numel() for p in named.values()), largest=max(p.numel() for p in named.values()),
-                 block=max(block_sizes), blocks=len(block_sizes),
-                 resident=sum(p.numel() for n, p in named.items() if n not in in_blocks), hidden=hidden, ffn=ffn,
-                 vocab=text.vocab_size, lora=lora)
+                 block=max(block_sizes), blocks=len(block_sizes), matrices=matrices,
+                 hidden=hidden, ffn=ffn, vocab=text.vocab_size, lora=lora)
 
 
-def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_blocks: int = 1) -> dict[str, int]:
+def stacked_copies(config: type) -> int:
+    """Copies of the batch in one stacked forward of a zeroth-order method (its config class): one per point its
+    default estimator evaluates."""
+    default = {f.name: f.default for f in fields(config)}
+    return len(estimator(default["estimator"]).plan(default["n_samples"]))
+
+
+def streamed(shape: Shape, deep_blocks: int = 0) -> tuple[int, ...]:
+    """Elements of the matrices of each block ``--offload cpu`` streams: every block but HZO's ``deep_blocks``
+    first-order ones (the last), which stay on the device."""
+    return shape.matrices[: shape.blocks - min(deep_blocks, shape.blocks)]
+
+
+def slot_bytes(shape: Shape, dtype: str, deep_blocks: int = 0) -> int:
+    """Device bytes of the offload engine's slots: SLOTS buffers, each the size of the largest streamed block's
+    matrices."""
+    return SLOTS * max(streamed(shape, deep_blocks), default=0) * BYTES[dtype]
+
+
+def host_bytes(shape: Shape, dtype: str, deep_blocks: int = 0) -> int:
+    """Host bytes of the streamed blocks: their matrices, once."""
+    return sum(streamed(shape, deep_blocks)) * BYTES[dtype]
+
+
+class Estimates(dict):
+    """Estimated peak device bytes of each method, and in ``host`` the host memory of the offloaded ones."""
+
+    def __init__(self, peaks: dict[str, int], host: dict[str, int]):
+        super().__init__(peaks)
+        self.host = host
+
+
+def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_blocks: int = 1) -> Estimates:
     """Estimated peak bytes of each of :data:`METHODS` (see the module docstring)."""
     d, tokens = BYTES[dtype], batch * length
     weights = shape.params * d
-    transient = max(tokens * (4 * shape.hidden + 2 * shape.ffn) * d, tokens * shape.vocab * (d + 4))
+
+    def transient(tokens: int) -> int:  # of a forward
+        return max(tokens * (4 * shape.hidden + 2 * shape.ffn) * d, tokens * shape.vocab * (d + 4))
+
     logits = tokens * shape.vocab * (d + 4)
     stored = tokens * shape.hidden * 17 * d  # per block, kept for the backward
     adam = 3 * d  # gradient and two moments per trained element
-    slots = 2 * shape.block * d
     deep = min(deep_blocks, shape.blocks)
-    inference = weights + transient
+    inference = weights + transient(tokens)
     mezo = inference + shape.largest * d
     lora_ft = weights + shape.lora * (d + adam) + shape.blocks * stored + logits
-    # HZO's defaults (joint order, one-sided, stacked) run 2 copies of the batch in one forward, autograd from the
-    # first deep block on: both copies' deep activations, logits and their gradients are kept.
-    copies = 2
-    hzo_kept = deep * shape.block * adam + copies * (deep * stored + 2 * logits)
-    return {
+    # HZO's defaults (joint order, one-sided, stacked) run the copies in one forward, autograd from the first deep
+    # block on: every copy's deep activations, logits and their gradients are kept.
+    hzo_kept = deep * shape.block * adam + stacked_copies(HZOConfig) * (deep * stored + 2 * logits)
+    host = {"mezo-offload": host_bytes(shape, dtype), "hzo-offload": host_bytes(shape, dtype, deep)}
+    return Estimates({
         "inference": inference,
         "mezo": mezo,
-        "mezo-offload": shape.resident * d + slots + transient + shape.largest * d,
+        "mezo-offload": weights - host["mezo-offload"] + slot_bytes(shape, dtype)
+        + transient(stacked_copies(MeZOConfig) * tokens) + shape.largest * d,
         "lora-ft": lora_ft,
         "ft": weights * 4 + shape.blocks * stored + logits,
         "lmao": max(lora_ft, mezo + shape.lora * (d + adam)),
         "hzo": weights + hzo_kept,
-        "hzo-offload": (shape.resident + deep * shape.block) * d + slots + hzo_kept,
-    }
+        "hzo-offload": weights - host["hzo-offload"] + slot_bytes(shape, dtype, deep) + hzo_kept,
+    }, host)
 
 
 def parse_size(text: str) -> float:
@@ -131,10 +176,12 @@ def parse_size(text: str) -> float:
     return number * 2**30
 
 
-def table(name: str, shape: Shape, estimates: dict[str, int], gpu: float | None) -> str:
+def table(name: str, shape: Shape, estimates: Estimates, gpu: float | None) -> str:
     header = f"{name}: {shape.params / 1e9:.2f}B parameters, {shape.blocks} blocks"
-    lines = [header, f"{'method':<14}{'peak GiB':>10}" + (f"  fits {gpu / 2**30:g} GiB" if gpu else "")]
+    columns = f"{'method':<14}{'peak GiB':>10}{'CPU RAM GiB':>13}"
+    lines = [header, columns + (f"  fits {gpu / 2**30:g} GiB" if gpu else "")]
     for method, value in estimates.items():
+        host = f"{estimates.host[method] / 2**30:.2f}" if method in estimates.host else ""
         fits = ("  yes" if value <= gpu else "  no") if gpu else ""
-        lines.append(f"{method:<14}{value / 2**30:>10.2f}{fits}")
+        lines.append(f"{method:<14}{value / 2**30:>10.2f}{host:>13}{fits}".rstrip())
     return "\n".join(lines)

@@ -1,5 +1,8 @@
 """The Triton backend's own pieces: Philox in Triton integer ops, far streams, int64 offsets, one compile."""
 
+import contextlib
+import types
+
 import pytest
 import torch
 
@@ -96,6 +99,19 @@ def test_update_without_draws_is_decay_and_rounding():
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
+@pytest.mark.skipif(not cuda._INTERPRET, reason="compiled, libdevice's Gaussian may flip a rounding: test_kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_interpreted_stochastic_rounding_is_bit_identical(dtype, distribution):
+    # The interpreter computes the Gaussian with torch's math: every rounding bit must agree.
+    weight = torch.randn(20_000, generator=torch.Generator().manual_seed(5)).to(dtype)
+    expected, out = weight.clone(), weight.clone()
+    args = (77, [10, 20], [0.5, -1.25], 3, distribution, 1e-2, 0.1, 1234)
+    reference.update(expected, *args)
+    cuda.update(out, *args)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 def test_one_compiled_kernel_for_any_scalars():
     # Triton specialises each tuple element on its value; the packing must hide every value
     try:
@@ -107,3 +123,26 @@ def test_one_compiled_kernel_for_any_scalars():
     specs = {repr(native_specialize_impl(BaseBackend, cuda._pack(v, -v, float(v), 1.0 / (v + 1)), False, True, True))
              for v in values}
     assert len(specs) == 1, specs
+
+
+def test_launch_on_the_tensors_device(monkeypatch):
+    # Triton launches on the current CUDA device: tensors on cuda:1 while cuda:0 is current must switch to 1
+    guard = cuda._device_of(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(cuda._device_of(torch.empty(1)), torch.cuda.device)
+    events = []
+
+    @contextlib.contextmanager
+    def device_of(tensor):
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: events.append("launch")
+
+    monkeypatch.setattr(cuda, "_device_of", device_of)
+    monkeypatch.setattr(cuda, "_kernel", Kernel())
+    cuda.fill(torch.empty(10, device=DEVICE), 0, 1, 2, "gaussian")
+    assert events == ["enter", "launch", "exit"]

@@ -15,6 +15,7 @@ without a GPU); without the interpreter, CPU tensors are staged through the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import struct
@@ -253,9 +254,15 @@ def _launch(out, inp, start: int, scalars: tuple, mode: int, distribution: str =
     shift = start % 128
     p = _pack(start - shift, *scalars)
     grid = (triton.cdiv(n + shift, BLOCK),)
-    _kernel[grid](out, inp, n, shift, p, MODE=mode, N=n_seeds, DIST=DISTRIBUTIONS.index(distribution),
-                  ROUND=rounding, WD=weight_decay, CDT=_TL_DTYPES[compute_dtype(dtype)], BLOCK=BLOCK,
-                  BIG=n + shift + BLOCK >= _INT32_LIMIT, num_warps=4, enable_fp_fusion=False)
+    with _device_of(out):
+        _kernel[grid](out, inp, n, shift, p, MODE=mode, N=n_seeds, DIST=DISTRIBUTIONS.index(distribution),
+                      ROUND=rounding, WD=weight_decay, CDT=_TL_DTYPES[compute_dtype(dtype)], BLOCK=BLOCK,
+                      BIG=n + shift + BLOCK >= _INT32_LIMIT, num_warps=4, enable_fp_fusion=False)
+
+
+def _device_of(tensor):
+    """Where to launch: Triton launches on the current CUDA device, whatever device the tensors are on."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _rounding(dtype, rounding_seed) -> int:

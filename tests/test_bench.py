@@ -3,7 +3,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig
 
 from zotune import bench, cli
 from zotune.errors import UserError
@@ -84,8 +84,78 @@ def test_bad_bench_arguments():
         bench.bench("llama-tiny", batch_size=0, device="cpu")
 
 
-def test_offload_rows_run_and_give_the_next_row_a_whole_model():
+def test_offload_rows_report_their_traffic_and_give_the_next_row_a_whole_model():
     rows = bench.bench("llama-tiny", batch_size=1, length=4, dtype="fp32", device="cpu", repeats=1,
                        methods=["mezo-offload", "hzo-offload", "hzo", "mezo"])
     assert [r["method"] for r in rows] == ["mezo-offload", "hzo-offload", "hzo", "mezo"]
     assert all(r["seconds"] > 0 for r in rows)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(bench.build_config("llama-tiny"))
+    block = sum(p.numel() * 4 for p in model.model.layers[0].parameters() if p.ndim >= 2)
+    layers = len(model.model.layers)
+    mezo, hzo = rows[:2]
+    assert mezo["host_gib"] * 2**30 == layers * block
+    # every block goes up once a step, and back with the previous step's update
+    assert mezo["upload_gb"] * 1e9 == pytest.approx(layers * block)
+    assert mezo["writeback_gb"] * 1e9 == pytest.approx(layers * block)
+    assert hzo["host_gib"] * 2**30 == (layers - 1) * block  # its deep block stays on the device
+    assert hzo["upload_gb"] * 1e9 == pytest.approx((layers - 1) * block)
+    assert hzo["writeback_gb"] == 0  # low-rank factors stay on the device until V is redrawn
+    assert mezo["floor_seconds"] is None and mezo["h2d_gb_per_s"] is None  # no link to measure on a CPU
+    assert mezo["rss_gib"] > 0
+    assert "host_gib" not in rows[2] and "| up / written back per step (GB) |" in bench.table(rows)
+
+
+def test_random_models_are_finite_tied_and_leave_the_global_rng_alone():
+    before = torch.random.get_rng_state()
+    opt = bench.random_model(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=32), torch.float16, "cpu")
+    llama = bench.random_model(bench.build_config("llama-tiny"), torch.float32, "cpu")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert opt.get_output_embeddings().weight is opt.get_input_embeddings().weight
+    for model in (opt, llama):
+        for name, p in model.named_parameters():
+            assert torch.isfinite(p).all(), name
+            if p.ndim < 2:
+                assert torch.equal(p, torch.full_like(p, 0.0 if name.endswith("bias") else 1.0)), name
+            else:
+                assert 0.015 < p.float().std() < 0.025, name
+    fc1, fc2 = opt.model.decoder.layers[0].fc1.weight, opt.model.decoder.layers[0].fc2.weight
+    assert not torch.equal(fc1[0], fc1[1]) and not torch.equal(fc1[0, :32], fc2[0, :32])
+    reference = LlamaForCausalLM(bench.build_config("llama-tiny"))
+    assert torch.equal(llama.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+
+
+def test_a_method_that_fails_gets_a_row_and_the_others_a_sound_model(monkeypatch, tmp_path, capsys):
+    def broken(params, closure, seed):
+        params[0].data.fill_(float("nan"))
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(bench, "reference_mezo_step", broken)
+    out = tmp_path / "rows.json"
+    code = cli.main(["bench", "--model", "llama-tiny", "--batch-size", "1", "--length", "4", "--dtype", "fp32",
+                     "--device", "cpu", "--repeats", "1", "--methods", "mezo-reference,mezo", "--json", str(out)])
+    assert code == 1
+    rows = json.loads(out.read_text())
+    assert rows[0]["error"] == "RuntimeError: no kernel image" and rows[0]["seconds"] is None
+    assert rows[1]["seconds"] > 0 and "error" not in rows[1]  # MeZO refuses a non-finite loss: the NaN is gone
+    captured = capsys.readouterr()
+    assert "| mezo-reference | 1 × 4 | fp32 | failed |" in captured.out
+    assert "zotune: llama-tiny mezo-reference failed: RuntimeError: no kernel image" in captured.err
+
+
+def test_the_transfer_floor_is_the_slower_way_of_the_link():
+    from zotune.engine.offload import Offload
+
+    model = bench.random_model(bench.build_config("llama-tiny"), torch.float32, "cpu")
+    engine = Offload(model, list(model.model.layers), "cpu")
+    traffic = bench._Traffic(engine)
+    traffic.steps += [[1, 0], [4e9, 2e9], [4e9, 4e9]]  # the warm-up, then two steps
+    columns = bench._offload_columns(engine, traffic)
+    engine.close()
+    assert (columns["upload_gb"], columns["writeback_gb"]) == (4.0, 3.0)
+    columns.update(bench._link_columns(columns, {"h2d": 2e9, "d2h": 1e9}))
+    assert (columns["h2d_gb_per_s"], columns["d2h_gb_per_s"], columns["floor_seconds"]) == (2.0, 1.0, 3.0)
+    row = {"model": "llama-tiny", "method": "mezo-offload", "batch_size": 1, "length": 4, "seconds": 6.0,
+           "peak_gib": 1.0, **columns}
+    assert "| 4.00 / 3.00 | 2.0 / 1.0 | 3000.0 | 2.00 |" in bench.offload_table([row])

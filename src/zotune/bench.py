@@ -9,9 +9,11 @@ import ctypes
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,8 +31,11 @@ VARIANTS = {"mezo-rademacher": ("mezo", {"direction": "rademacher"}),
             "mezo-offload": ("mezo", {"offload": "cpu"}),
             "hzo-offload": ("hzo", {"offload": "cpu"}),
             "hzo-k3": ("hzo", {"deep_blocks": 3})}
+# Rows that stream the blocks from host memory.
+OFFLOADED = {name for name, (_, overrides) in VARIANTS.items() if overrides.get("offload", "none") != "none"}
 # ft last: it may run out of memory.
 DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "hzo", "lora-ft", "ft")
+OUT_OF_MEMORY = "out of memory"
 BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what they were
 # (hidden, layers, heads, ffn) of the OPT family; vocab 50272 and 2048 positions throughout.
 OPT_SIZES = {
@@ -84,6 +89,49 @@ def build_config(name: str):
     except (OSError, ValueError) as error:
         reason = str(error).splitlines()[0]
         raise UserError(f"unknown model {name!r} ({reason}); built in: {', '.join(MODELS)}") from None
+
+
+# Length of the random sequence the weights repeat: a prime, so that no row of a matrix repeats another.
+PATTERN = 2**22 - 3
+
+
+def random_model(config, dtype: torch.dtype, device: str):
+    """A model of ``config`` with random weights in ``dtype`` on ``device``, in seconds at any size:
+    transformers' initialisation (minutes at 1.3B on a CPU, longer than the benchmark at 30B) is
+    skipped and every matrix is tiled with one seeded N(0, initializer range) sequence; norms get 1,
+    biases 0. The values are finite, and speed and memory do not depend on them."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # transformers ties inside the initialisation that was skipped
+    randomize(model, config)
+    return model.eval()
+
+
+def randomize(model, config) -> None:
+    """Gives ``model`` the weights :func:`random_model` gives it, wherever they are."""
+    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
+    sequence = torch.randn(PATTERN, generator=torch.Generator().manual_seed(0)).mul_(std)
+    patterns = {}
+    with torch.no_grad():
+        for index, (name, p) in enumerate(model.named_parameters()):
+            if p.ndim < 2:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            if (p.dtype, p.device) not in patterns:
+                patterns[p.dtype, p.device] = sequence.to(device=p.device, dtype=p.dtype)
+            _tile(p.view(-1), patterns[p.dtype, p.device], index * 1_000_003 % PATTERN)
+
+
+def _tile(flat: torch.Tensor, pattern: torch.Tensor, offset: int) -> None:
+    """``flat[i] = pattern[(offset + i) % len(pattern)]``, in copies of the pattern's size."""
+    head = min(flat.numel(), pattern.numel() - offset)
+    flat[:head].copy_(pattern[offset : offset + head])
+    for begin in range(head, flat.numel(), pattern.numel()):
+        end = min(begin + pattern.numel(), flat.numel())
+        flat[begin:end].copy_(pattern[: end - begin])
 
 
 def reference_mezo_step(params, closure, seed: int, lr: float = 1e-7, eps: float = 1e-3):
@@ -146,6 +194,83 @@ def host_peak(every: float = 0.0005):
         peak[0] = max(peak[0], host_allocated_bytes())
 
 
+def resident_bytes() -> int | None:
+    """The process's resident memory (pinned buffers included); None off Linux."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+def link_bandwidth(device: str, size: int = 2**30) -> dict:
+    """Pinned host-to-device and device-to-host copy rates (bytes/s) of a ``size``-byte buffer:
+    the best of three after a warm-up."""
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    on_device = torch.empty(size, dtype=torch.uint8, device=device)
+    rates = {}
+    for name, (target, source) in (("h2d", (on_device, host)), ("d2h", (host, on_device))):
+        seconds = []
+        for _ in range(4):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source, non_blocking=True)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        rates[name] = size / min(seconds[1:])
+    return rates
+
+
+def _block_bytes(block) -> int:
+    return sum(t.numel() * t.element_size() for t in block.host.values())
+
+
+class _Traffic:
+    """Bytes the offload engine moves in each step, counted where it starts a copy: a block's upload
+    into a slot, and its write-back when its weights changed."""
+
+    def __init__(self, engine):
+        self.steps = [[0, 0]]  # [uploaded, written back] per step; the first entry: before any step
+        upload, release = engine._upload, engine._release
+
+        def counted_upload(block):
+            copies = block.slot is None
+            started = upload(block)
+            if copies and block.slot is not None:
+                self.steps[-1][0] += _block_bytes(block)
+            return started
+
+        def counted_release(block):
+            if block.slot is not None and block.dirty:
+                self.steps[-1][1] += _block_bytes(block)
+            release(block)
+
+        engine._upload, engine._release = counted_upload, counted_release
+
+    def per_step(self) -> tuple[float, float]:
+        """Mean bytes (uploaded, written back) of the steps after the warm-up, which has no
+        pending update to write back."""
+        steady = self.steps[2:] or self.steps[1:]
+        return tuple(statistics.mean(step[i] for step in steady) for i in (0, 1))
+
+
+def _offload_columns(engine, traffic: _Traffic) -> dict:
+    upload, write_back = traffic.per_step()
+    rss = resident_bytes()
+    return {"host_gib": engine.host_bytes / 2**30, "rss_gib": None if rss is None else rss / 2**30,
+            "upload_gb": upload / 1e9, "writeback_gb": write_back / 1e9}
+
+
+def _link_columns(row: dict, link: dict | None) -> dict:
+    """The link's rates, and the floor they set on the row's traffic: uploads and write-backs run on
+    their own streams, both ways of the link at once."""
+    if link is None:  # a CPU "device": no link
+        return {"h2d_gb_per_s": None, "d2h_gb_per_s": None, "floor_seconds": None}
+    return {"h2d_gb_per_s": link["h2d"] / 1e9, "d2h_gb_per_s": link["d2h"] / 1e9,
+            "floor_seconds": max(row["upload_gb"] * 1e9 / link["h2d"], row["writeback_gb"] * 1e9 / link["d2h"])}
+
+
 class _Meter:
     """Median time of ``repeats`` steps after a warm-up, and the peak memory of a step: on a GPU
     max_memory_allocated over the timed steps; on the CPU malloc's peak during one more step,
@@ -183,8 +308,6 @@ class _Meter:
 
 def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str = "fp16", device: str | None = None,
           methods=DEFAULT_METHODS, repeats: int = 5) -> list[dict]:
-    from transformers import AutoModelForCausalLM
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -195,16 +318,17 @@ def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str =
     if unknown:
         raise UserError(f"unknown methods {unknown}: choose from {', '.join(known)}")
     config = build_config(model_name)
-    # Random init and dropout draw from the global RNG: fork it so the caller's stream is untouched.
+    # Offloaded rows stream the blocks from host memory: there a model larger than the GPU fits.
+    home = "cpu" if all(m in OFFLOADED for m in methods) else device
+    # LoRA's init and dropout draw from the global RNG: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
         torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
+        model = random_model(config, DTYPES[dtype], home)
         meter = _Meter(device, repeats)
-        return _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, meter)
+        return _bench_model(model, model_name, config, batch_size, length, dtype, device, home, methods, meter)
 
 
-def _bench_model(model, model_name, config, batch_size, length, dtype, device, methods, meter) -> list[dict]:
+def _bench_model(model, model_name, config, batch_size, length, dtype, device, home, methods, meter) -> list[dict]:
     ids = torch.randint(0, config.vocab_size, (batch_size, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
 
@@ -227,19 +351,30 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, m
             allocated = host_allocated_bytes()
             meter.host_baseline = None if allocated is None else allocated - model_bytes
         try:
-            result = _run_method(method, model, loss, meter)
+            result = _run_method(method, model, loss, meter, home)
         except torch.OutOfMemoryError:
-            result = {"seconds": None, "peak_gib": None, "error": "out of memory"}
+            result = {"seconds": None, "peak_gib": None, "error": OUT_OF_MEMORY}
+        except UserError:
+            raise
+        except Exception as error:  # one method's failure must not cost the other rows (a lent GPU's minutes)
+            traceback.print_exc()
+            result = {"seconds": None, "peak_gib": None, "error": f"{type(error).__name__}: {error}"}
+            randomize(model, config)  # it may have left non-finite weights behind
         rows.append({"model": model_name, "params": n_params, "largest_tensor_gib": largest, "method": method,
                      "batch_size": batch_size, "length": length, "dtype": dtype, "device": _device_name(device),
                      **result})
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    streamed = [r for r in rows if "upload_gb" in r]
+    # Measured last: the pinned buffer stays in torch's cache, and would be in the rows' resident memory.
+    link = link_bandwidth(device) if streamed and meter.cuda else None
+    for row in streamed:
+        row.update(_link_columns(row, link))
     return rows
 
 
-def _run_method(name, model, loss, meter) -> dict:
+def _run_method(name, model, loss, meter, home) -> dict:
     if name == FORWARD:
         def two_forwards():
             with torch.no_grad():
@@ -258,11 +393,19 @@ def _run_method(name, model, loss, meter) -> dict:
     # The meter runs a warm-up step and then `repeats` steps: a schedule over exactly those.
     trainer = entry.method(model, entry.config(**overrides), seed=0, steps=meter.repeats + 1)
     try:
-        return meter(lambda: trainer.step(loss))
+        if trainer.engine is None:
+            return meter(lambda: trainer.step(loss))
+        traffic = _Traffic(trainer.engine)
+
+        def step():
+            traffic.steps.append([0, 0])
+            trainer.step(loss)
+
+        return {**meter(step), **_offload_columns(trainer.engine, traffic)}
     finally:
         if trainer.engine is not None:  # give the next method a model in one place again
             trainer.engine.close()
-            model.to(meter.device)
+            model.to(home)
         if trainer.model is not model:  # a LoRA method wrapped it: give the next method the plain model
             trainer.model.unload()
         for p in model.parameters():
@@ -289,10 +432,45 @@ def table(rows: list[dict]) -> str:
         for _, baseline in columns:
             base = times.get((r["model"], r["batch_size"], r["length"], baseline))
             ratios.append(f"{r['seconds'] / base:.2f}" if r["seconds"] and base else "")
-        ms = "OOM" if r["seconds"] is None else f"{r['seconds'] * 1e3:.1f}"
+        ms = f"{r['seconds'] * 1e3:.1f}" if r["seconds"] is not None else _failure(r)
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         cells = [r["model"], f"{r['params'] / 1e6:.1f}M", r["method"], f"{r['batch_size']} × {r['length']}",
                  r["dtype"], ms, *ratios, peak]
+        lines.append("| " + " | ".join(cells) + " |")
+    offloaded = [r for r in rows if r["method"] in OFFLOADED]
+    return "\n".join(lines) + ("\n\n" + offload_table(offloaded) if offloaded else "")
+
+
+def _failure(row: dict) -> str:
+    return "OOM" if row["error"] == OUT_OF_MEMORY else "failed"
+
+
+def failed(rows: list[dict]) -> list[dict]:
+    """The rows whose method raised (running out of memory is a result, not a failure)."""
+    return [r for r in rows if r.get("error") not in (None, OUT_OF_MEMORY)]
+
+
+def offload_table(rows: list[dict]) -> str:
+    """The offload rows' traffic: per step, the bytes each way, the link's measured pinned rates, and
+    the floor they set (both ways at once) next to the step's time; empty cells where a row failed."""
+    header = ["model", "method", "batch × length", "time/step (ms)", "GPU peak (GiB)", "host buffers (GiB)",
+              "process RSS (GiB)", "up / written back per step (GB)", "H2D / D2H (GB/s)", "floor (ms)",
+              "step ÷ floor"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def pair(r, a, b, form):
+        return "" if r.get(a) is None else f"{format(r[a], form)} / {format(r[b], form)}"
+
+    def number(value, form):
+        return "" if value is None else format(value, form)
+
+    for r in rows:
+        floor, seconds = r.get("floor_seconds"), r["seconds"]
+        cells = [r["model"], r["method"], f"{r['batch_size']} × {r['length']}",
+                 _failure(r) if seconds is None else f"{seconds * 1e3:.1f}", number(r["peak_gib"], ".2f"),
+                 number(r.get("host_gib"), ".2f"), number(r.get("rss_gib"), ".2f"),
+                 pair(r, "upload_gb", "writeback_gb", ".2f"), pair(r, "h2d_gb_per_s", "d2h_gb_per_s", ".1f"),
+                 number(floor and floor * 1e3, ".1f"), f"{seconds / floor:.2f}" if seconds and floor else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

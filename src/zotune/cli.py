@@ -83,7 +83,10 @@ def cmd_bench(args) -> int:
         bench.save_json(rows, args.json)
     if args.plot:
         bench.plot(rows, args.plot)
-    return 0
+    broken = bench.failed(rows)
+    for row in broken:
+        print(f"zotune: {row['model']} {row['method']} failed: {row['error']}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,5 +1,6 @@
 """What a lent GPU should measure, in one run: start it with ``benchmarks/gpu_check.sh``
-(which makes .venv first), not with this file.
+(which picks the interpreter: .venv's, or on a lent machine without network its own python3
+with a CUDA torch and zotune from src/), not with this file.
 
     benchmarks/gpu_check.sh [--out DIR] [--budget SECONDS] [--dry-run]
 
@@ -51,7 +52,7 @@ CUDA_CASES = re.compile(r"mark\.gpu|cuda\.is_available\(\)|cuda\._INTERPRET")
 LEAST = 20  # seconds a stage needs to be worth starting
 # Every stage runs the Triton kernels on the GPU, never in Triton's interpreter (the CPU tests' setting).
 ON_GPU = {"TRITON_INTERPRET": None}
-PYTHON = "<python>"  # in a stage's argv: the venv's interpreter
+PYTHON = "<python>"  # in a stage's argv: the interpreter gpu_check.sh chose
 
 
 @dataclasses.dataclass
@@ -154,9 +155,9 @@ def machine(python: str) -> dict:
     try:
         child = subprocess.run([python, __file__, "--facts"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     except subprocess.TimeoutExpired:
-        raise SystemExit("gpu_check: error: the venv's python took over 2 minutes to start torch") from None
+        raise SystemExit("gpu_check: error: python took over 2 minutes to start torch") from None
     if child.returncode != 0:
-        raise SystemExit(f"gpu_check: error: the venv's python cannot report the machine:\n{child.stderr[-2000:]}")
+        raise SystemExit(f"gpu_check: error: {python} cannot report the machine:\n{child.stderr[-2000:]}")
     return {**json.loads(child.stdout.splitlines()[-1]), "driver_gpus": driver_gpus(), "commit": _commit()}
 
 
@@ -377,8 +378,8 @@ def main(argv=None) -> int:
     known = machine(python)
     problem = None
     if not known["cuda_available"]:
-        problem = (f"the driver sees {'; '.join(known['driver_gpus'])}, but .venv's torch {known['torch']} has no "
-                   "CUDA (a CPU build): put a CUDA build of torch into .venv; every stage needs it"
+        problem = (f"the driver sees {'; '.join(known['driver_gpus'])}, but no python here has a torch with CUDA "
+                   f"({python}: torch {known['torch']}): install a CUDA build of torch; every stage needs it"
                    if known["driver_gpus"] else "no GPU on this machine: every stage needs one")
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as scratch:
         raw = Path(scratch)

@@ -27,11 +27,11 @@ def rss_bytes() -> int:
 
 
 def child(method: str, model: str, batch: int, length: int) -> None:
-    from zotune import bench
+    from zotune import bench, meters
 
-    baseline = bench.host_allocated_bytes()
+    baseline = meters.host_allocated_bytes()
     rss_before = rss_bytes()
-    with bench.host_peak() as peak:
+    with meters.host_peak() as peak:
         bench.bench(model, batch, length, "fp32", "cpu", [method], 2)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"allocated": peak[0] - baseline, "rss": rss_peak - rss_before}))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig
 
-from zotune import bench, cli
+from zotune import bench, cli, meters
 from zotune.errors import UserError
 
 
@@ -36,12 +36,12 @@ def test_the_cpu_peak_counts_ft_s_gradients_and_moments(tmp_path):
 
 
 def test_the_host_peak_sees_a_transient_allocation():
-    with bench.host_peak() as peak:
-        before = bench.host_allocated_bytes()
+    with meters.host_peak() as peak:
+        before = meters.host_allocated_bytes()
         block = torch.ones(64 * 2**20 // 4)
         time.sleep(0.05)  # a sample falls inside, even on a busy machine
         del block
-    assert peak[0] - before >= 60 * 2**20 > bench.host_allocated_bytes() - before
+    assert peak[0] - before >= 60 * 2**20 > meters.host_allocated_bytes() - before
 
 
 def test_every_registered_method_and_variant_is_a_bench_row():
@@ -149,12 +149,12 @@ def test_the_transfer_floor_is_the_slower_way_of_the_link():
 
     model = bench.random_model(bench.build_config("llama-tiny"), torch.float32, "cpu")
     engine = Offload(model, list(model.model.layers), "cpu")
-    traffic = bench._Traffic(engine)
+    traffic = meters.Traffic(engine)
     traffic.steps += [[1, 0], [4e9, 2e9], [4e9, 4e9]]  # the warm-up, then two steps
-    columns = bench._offload_columns(engine, traffic)
+    columns = meters.offload_columns(engine, traffic)
     engine.close()
     assert (columns["upload_gb"], columns["writeback_gb"]) == (4.0, 3.0)
-    columns.update(bench._link_columns(columns, {"h2d": 2e9, "d2h": 1e9}))
+    columns.update(meters.link_columns(columns, {"h2d": 2e9, "d2h": 1e9}))
     assert (columns["h2d_gb_per_s"], columns["d2h_gb_per_s"], columns["floor_seconds"]) == (2.0, 1.0, 3.0)
     row = {"model": "llama-tiny", "method": "mezo-offload", "batch_size": 1, "length": 4, "seconds": 6.0,
            "peak_gib": 1.0, **columns}

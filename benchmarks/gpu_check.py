@@ -94,18 +94,17 @@ def stages(raw: Path) -> list[Stage]:
               [PYTHON, "benchmarks/kernel_bandwidth.py", "--dtype", "fp16", "--json", out("kernels.json")],
               2, 60, "kernels.json", ON_GPU),
     ]
-    for model, limit in (("opt-1.3b", 60), ("opt-13b", 100)):
-        found.append(Stage(3, f"bench-{model}", f"zotune bench, {model}",
-                           [*bench, "--model", model, "--batch-size", "16", "--length", "128",
-                            "--repeats", str(REPEATS[3]), "--methods", BENCH_METHODS,
-                            "--json", out(f"bench-{model}.json")],
-                           4, limit, f"bench-{model}.json", ON_GPU))
-    for model, limit in (("opt-13b", 90), ("opt-30b", 150)):
-        found.append(Stage(4, f"offload-{model}", f"--offload cpu, {model}",
-                           [*bench, "--model", model, "--batch-size", "1", "--length", "2048",
-                            "--repeats", str(REPEATS[4]), "--methods", OFFLOAD_METHODS,
-                            "--json", out(f"offload-{model}.json")],
-                           4, limit, f"offload-{model}.json", ON_GPU))
+    # (stage, name, title, model, batch, length, methods, limit in seconds)
+    runs = [(3, "bench", "zotune bench", "opt-1.3b", 16, 128, BENCH_METHODS, 60),
+            (3, "bench", "zotune bench", "opt-13b", 16, 128, BENCH_METHODS, 100),
+            (4, "offload", "--offload cpu", "opt-13b", 1, 2048, OFFLOAD_METHODS, 90),
+            (4, "offload", "--offload cpu", "opt-30b", 1, 2048, OFFLOAD_METHODS, 150)]
+    for stage, name, title, model, batch, length, methods, limit in runs:
+        found.append(Stage(stage, f"{name}-{model}", f"{title}, {model}",
+                           [*bench, "--model", model, "--batch-size", str(batch), "--length", str(length),
+                            "--repeats", str(REPEATS[stage]), "--methods", methods,
+                            "--json", out(f"{name}-{model}.json")],
+                           4, limit, f"{name}-{model}.json", ON_GPU))
     return found
 
 

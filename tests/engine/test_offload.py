@@ -11,14 +11,14 @@ from zotune.engine.offload import Offload, device_of
 from ..conftest import VOCAB, assert_same, snapshot, tiny_model
 
 
-def stacked_closure(model, seed: int = 0, batch: int = 3, length: int = 10):
+def stacked_closure(model, seed: int = 0, batch: int = 3, length: int = 10, vocab: int = VOCAB):
     """A closure for stacked evaluation: ``closure(copies)`` gives one loss per copy of the batch."""
-    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
     def closure(copies=None):
         x = (ids if copies is None else ids.repeat(copies, 1)).to(device_of(model))
         logits = model(input_ids=x).logits[:, :-1].float()
-        each = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none")
+        each = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1), reduction="none")
         return each.mean() if copies is None else each.view(copies, -1).mean(1)
 
     return closure

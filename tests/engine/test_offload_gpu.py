@@ -6,23 +6,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import zotune
-from zotune.engine.offload import Offload, device_of
+from zotune.engine.offload import Offload
 
-from ..conftest import VOCAB, assert_same, snapshot, tiny_model
+from ..conftest import assert_same, snapshot, tiny_model
+from .test_offload import stacked_closure
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def cuda_closure(model, batch: int = 4, length: int = 12, vocab: int = VOCAB):
-    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-
-    def closure(copies=None):
-        x = (ids if copies is None else ids.repeat(copies, 1)).to(device_of(model))
-        logits = model(input_ids=x).logits[:, :-1].float()
-        each = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), x[:, 1:].reshape(-1), reduction="none")
-        return each.mean() if copies is None else each.view(copies, -1).mean(1)
-
-    return closure
 
 
 def streamed(model):
@@ -49,7 +38,7 @@ def test_offloaded_mezo_on_cuda_equals_the_in_memory_run(dtype, update, stacked)
             engine.attach(optimizer)
             assert engine.arena.pinned
             assert all(p.is_pinned() for block in engine.blocks for p in block.params)  # registered pages
-        closure = cuda_closure(model)
+        closure = stacked_closure(model)
         losses = [optimizer.step(closure if stacked else (lambda: closure())) for _ in range(5)]
         if engine:
             engine.flush(merge=True)
@@ -73,7 +62,7 @@ def test_offloaded_hzo_on_cuda_equals_the_in_memory_run():
             model.cuda()  # the deep block, head and norms stay; the shallow block streams
             engine = Offload(model, hzo.shallow_blocks, "cuda")
             engine.attach(hzo.zo)
-        closure = cuda_closure(model)
+        closure = stacked_closure(model)
         for _ in range(4):
             hzo.step(closure)
         if offload:
@@ -92,7 +81,7 @@ def test_uploads_and_write_backs_overlap_the_compute():
     optimizer = zotune.MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, stacked=True)
     engine = Offload(model, list(model.model.layers), "cuda")
     engine.attach(optimizer)
-    closure = cuda_closure(model, batch=8, length=256, vocab=1024)
+    closure = stacked_closure(model, batch=8, length=256, vocab=1024)
     optimizer.step(closure)  # warm-up: kernels compiled, the probe run
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -107,3 +107,35 @@ def test_a_masked_lm_config_is_built_as_one(tmp_path, monkeypatch, capsys):
                                vocab_size=100, architectures=["RobertaForMaskedLM"]).save_pretrained(tmp_path)
     assert cli.main(["memory", "--model", str(tmp_path)]) == 0
     assert "3 blocks" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_the_adamw_term_is_what_the_optimizer_holds(monkeypatch, dtype):
+    """Weights, gradients, masters and moments at the inner AdamW step, per trained element."""
+    from dataclasses import replace
+
+    from zotune.methods import FT, FTConfig
+
+    from .conftest import lm_closure
+
+    model = tiny_model("llama", {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    ft = FT(model, FTConfig(lr=1e-4))
+    inner = getattr(ft.optimizer, "adamw", ft.optimizer)  # the float32 AdamW behind half weights
+    held = {}
+    original = inner.step
+
+    def counting():
+        original()
+        tensors = [t for p in model.parameters() for t in (p, p.grad)]
+        for group in inner.param_groups:
+            for master in group["params"]:
+                tensors += [master, master.grad, inner.state[master]["exp_avg"], inner.state[master]["exp_avg_sq"]]
+        held.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors})
+
+    monkeypatch.setattr(inner, "step", counting)
+    ft.step(lm_closure(model))
+    shape = memory.shape_of(model.config)
+    per_element = (memory.estimate(replace(shape, params=shape.params + 1), 1, 1, dtype)["ft"]
+                   - memory.estimate(shape, 1, 1, dtype)["ft"])
+    assert per_element == {"fp32": 16, "fp16": 20, "bf16": 20}[dtype]
+    assert sum(held.values()) == shape.params * per_element

@@ -12,14 +12,16 @@ width and ``V`` the vocabulary:
   no L×L score matrix);
 * activations stored for a backward, per block: ``T h 17 d`` (Korthikanti et al. 2022's
   ``34 s b h`` bytes in 16 bits, with flash attention);
-* AdamW: a gradient and two moments per trained weight, in the weights' dtype (torch's
-  AdamW keeps its moments in the parameter's dtype).
+* AdamW: a gradient and two moments per trained weight: ``3 d`` in float32; in 16 bits
+  ``d + 16`` (the half gradient, a float32 master, its float32 gradient and two float32
+  moments: :mod:`zotune.core.mixed_precision`). LoRA adapters are float32 in any dtype
+  (peft upcasts them): 16 bytes per adapter element with its AdamW state.
 
 Per method:
 
 * inference: ``W`` + a forward's transient;
 * MeZO: inference + the largest tensor (the perturbed copy a forward reads);
-* FT: ``4 W`` + every block's stored activations + the logits;
+* FT: ``W`` + AdamW on every weight + every block's stored activations + the logits;
 * LoRA-FT: ``W`` + the adapters with AdamW + every block's stored activations + the logits;
 * LMAO: the larger of LoRA-FT and MeZO (with the adapters);
 * HZO (its defaults: joint order, one-sided, stacked): ``W`` + the deep blocks' AdamW
@@ -138,11 +140,12 @@ def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_bl
 
     logits = tokens * shape.vocab * (d + 4)
     stored = tokens * shape.hidden * 17 * d  # per block, kept for the backward
-    adam = 3 * d  # gradient and two moments per trained element
+    adam = 3 * d if dtype == "fp32" else d + 4 + 4 + 8  # per trained element (16 bits: fp32 master, its grad, moments)
+    adapter = 4 + 3 * 4  # a LoRA element and its AdamW state, float32 in any dtype
     deep = min(deep_blocks, shape.blocks)
     inference = weights + transient(tokens)
     mezo = inference + shape.largest * d
-    lora_ft = weights + shape.lora * (d + adam) + shape.blocks * stored + logits
+    lora_ft = weights + shape.lora * adapter + shape.blocks * stored + logits
     # HZO's defaults (joint order, one-sided, stacked) run the copies in one forward, autograd from the first deep
     # block on: every copy's deep activations, logits and their gradients are kept.
     hzo_kept = deep * shape.block * adam + stacked_copies(HZOConfig) * (deep * stored + 2 * logits)
@@ -153,8 +156,8 @@ def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_bl
         "mezo-offload": weights - host["mezo-offload"] + slot_bytes(shape, dtype)
         + transient(stacked_copies(MeZOConfig) * tokens) + shape.largest * d,
         "lora-ft": lora_ft,
-        "ft": weights * 4 + shape.blocks * stored + logits,
-        "lmao": max(lora_ft, mezo + shape.lora * (d + adam)),
+        "ft": weights + shape.params * adam + shape.blocks * stored + logits,
+        "lmao": max(lora_ft, mezo + shape.lora * adapter),
         "hzo": weights + hzo_kept,
         "hzo-offload": weights - host["hzo-offload"] + slot_bytes(shape, dtype, deep) + hzo_kept,
     }, host)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import zotune
+from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
 from zotune.methods.registry import Method, MethodConfig, check_positive, option
 from zotune.models import add_lora
@@ -24,14 +23,14 @@ class FTConfig(MethodConfig):
 class FT(Method):
     """AdamW on all weights.
 
-    Backpropagation: a gradient and two moments per weight. The model is in train mode
-    during the step (dropout on), as in ordinary fine-tuning.
+    Backpropagation: a gradient and two moments per weight (with float32 masters of
+    half-precision weights: :func:`zotune.core.mixed_precision.adamw`). The model is in
+    train mode during the step (dropout on), as in ordinary fine-tuning.
     """
 
     def __init__(self, model, config: FTConfig, seed: int = 0, steps: int = 1):
         super().__init__(model, config, seed, steps)
-        self.optimizer = torch.optim.AdamW(zotune.decay_groups(model.named_parameters(), config.weight_decay),
-                                           lr=config.lr)
+        self.optimizer = adamw(zotune.decay_groups(model.named_parameters(), config.weight_decay), lr=config.lr)
 
     def step(self, loss_fn) -> dict:
         self.model.train()

@@ -4,10 +4,11 @@ first order (AdamW) on the deepest blocks, the final norm and the head.
 The model's blocks are found per family (:mod:`zotune.engine.blocks`). The shallow
 part (embeddings and every block but the last ``deep_blocks``) is trained by
 :class:`zotune.MeZO` with :class:`zotune.LowRank` directions (U Vᵀ, V resampled every
-``interval`` steps); the deep part by ``torch.optim.AdamW``. The first-order forward
-runs the shallow part without autograd and switches it on at the first deep block, so
-the backward, and the activations it keeps, cover the deep part alone. A head tied to
-the input embedding belongs to the first-order part and gets the head's gradient only.
+``interval`` steps); the deep part by AdamW (:func:`zotune.core.mixed_precision.adamw`:
+float32 masters of half-precision weights). The first-order forward runs the shallow part
+without autograd and switches it on at the first deep block, so the backward, and the
+activations it keeps, cover the deep part alone. A head tied to the input embedding
+belongs to the first-order part and gets the head's gradient only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import zotune
 from zotune.engine.distributed import average_gradients
+from zotune.core.mixed_precision import adamw
 from zotune.core.trajectory import Trajectory
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
@@ -84,7 +86,8 @@ class HZO(Hybrid):
         model: a Hugging Face model (or any model with ``blocks`` given).
         deep_blocks: k, the number of last blocks trained by first order (with the final
             norm and the head); 0 trains the head alone by first order.
-        lr_fo: AdamW learning rate of the deep part (``fo`` is a plain AdamW: attach any scheduler).
+        lr_fo: AdamW learning rate of the deep part (``fo`` is an AdamW, with float32 masters for
+            half-precision weights: attach any scheduler).
         lr_zo: zeroth-order learning rate of the shallow part.
         eps, n_samples, estimator, stochastic_rounding: as in :class:`zotune.MeZO`.
         rank, interval, orthonormal: the shallow part's :class:`zotune.LowRank` directions.
@@ -140,7 +143,7 @@ class HZO(Hybrid):
         self.zo = zotune.MeZO(zotune.decay_groups(shallow, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
                               estimator=estimator, direction=direction, seed=seed,
                               stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
-        self.fo = torch.optim.AdamW(zotune.decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
+        self.fo = adamw(zotune.decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
         self.fo_steps = 0
         self.last_fo_loss: float | None = None
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import zotune
+from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
 from zotune.methods.first_order import LoRAConfig
 from zotune.methods.hybrid import Hybrid
@@ -32,8 +33,9 @@ class LMAO(Hybrid):
 
     Args:
         model: a peft model with LoRA adapters (``peft.get_peft_model``).
-        lr_lora: AdamW learning rate of the adapters (η_BA); ``fo`` is a plain
-            ``torch.optim.AdamW``, so attach any scheduler to it (the paper decays it linearly).
+        lr_lora: AdamW learning rate of the adapters (η_BA); ``fo`` is an AdamW (float32
+            masters if the adapters are half precision; peft makes them float32 by default),
+            so attach any scheduler to it (the paper decays it linearly).
         lr_base: ZO learning rate of the base weights (η_W, constant in the paper).
         eps: ZO perturbation scale.
         weight_decay: ZO weight decay λ on base matrices (biases and norms get none).
@@ -60,7 +62,7 @@ class LMAO(Hybrid):
         self.adapters = [p for _, p in adapters]
         self.base = [p for _, p in base]
         self.max_grad_norm = max_grad_norm
-        self.fo = torch.optim.AdamW(
+        self.fo = adamw(
             [{"params": self.adapters, "param_names": [n for n, _ in adapters]}],
             lr=lr_lora, weight_decay=lora_weight_decay,
         )

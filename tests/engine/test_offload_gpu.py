@@ -9,7 +9,7 @@ import zotune
 from zotune.engine.offload import Offload
 
 from ..conftest import assert_same, snapshot, tiny_model
-from .test_offload import stacked_closure
+from .test_offload import hzo_runs, stacked_closure
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -53,27 +53,7 @@ def test_offloaded_mezo_on_cuda_equals_the_in_memory_run(dtype, update, stacked)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_offloaded_hzo_on_cuda_equals_the_in_memory_run(dtype):
     # bf16: the deep block's AdamW float32 masters are made on the host and must follow it to the GPU.
-    runs = []
-    for offload in (False, True):
-        model = tiny_model("llama", dtype)
-        if not offload:
-            model.cuda()
-        hzo = zotune.HZO(model, deep_blocks=1, lr_fo=1e-2, lr_zo=1e-2, eps=1e-2, interval=2, seed=1, stacked=True,
-                         order="joint", estimator="one-sided", merge="resample")
-        if offload:
-            model.cuda()  # the deep block, head and norms stay; the shallow block streams
-            engine = Offload(model, hzo.shallow_blocks, "cuda")
-            engine.attach(hzo.zo)
-        closure = stacked_closure(model)
-        for _ in range(4):
-            hzo.step(closure)
-        if offload:
-            engine.flush(merge=True)
-        else:
-            hzo.zo.merge_factors()
-        runs.append({name: w.cpu() for name, w in snapshot(model).items()})
-    assert all(torch.isfinite(w.float()).all() for w in runs[0].values())
-    assert_same(*runs)
+    assert_same(*hzo_runs("cuda", dtype, order="joint", estimator="one-sided", merge="resample"))
 
 
 def test_uploads_and_write_backs_overlap_the_compute():

@@ -248,8 +248,7 @@ def _tail(text: str, lines: int = 25) -> str:
 def markdown(report: dict) -> str:
     import kernel_bandwidth  # beside this file, which is on sys.path when it runs as a script
 
-    from zotune import bench
-
+    from zotune.tools import bench
     m = report["machine"]
     gpu = (f"{m['gpu']} ({m['gpu_memory_gib']:.0f} GiB, compute capability {m['capability']})"
            if m["cuda_available"] else "no CUDA device in torch")

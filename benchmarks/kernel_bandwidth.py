@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-DTYPES = ("fp32", "bf16", "fp16")  # zotune.models.DTYPES's names, here so that --help imports nothing
+DTYPES = ("fp32", "bf16", "fp16")  # zotune.assets.models.DTYPES's names, here so that --help imports nothing
 
 
 def _seconds(call, repeats: int, cuda: bool) -> float:
@@ -68,7 +68,7 @@ def _cases(backend, size: int, dtype, device):
 
 def measure(backend, size: int = 1 << 28, dtype: str = "fp16", repeats: int = 20, device: str = "cuda") -> list[dict]:
     """One row per kernel of ``backend`` (a module of zotune.core.kernels) on ``device``."""
-    from zotune.models import DTYPES as TORCH_DTYPES
+    from zotune.assets.models import DTYPES as TORCH_DTYPES
 
     cuda = device.startswith("cuda")
     rows = []

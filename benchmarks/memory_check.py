@@ -27,8 +27,8 @@ def rss_bytes() -> int:
 
 
 def child(method: str, model: str, batch: int, length: int) -> None:
-    from zotune import bench, meters
-
+    from zotune.tools import bench
+    from zotune.tools import meters
     baseline = meters.host_allocated_bytes()
     rss_before = rss_bytes()
     with meters.host_peak() as peak:
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     args = parser.parse_args()
-    from zotune import bench, memory
-
+    from zotune.tools import bench
+    from zotune.tools import memory
     estimates = memory.estimate(memory.shape_of(bench.build_config(args.model)), args.batch_size, args.length, "fp32")
     print("| row | estimate (MB) | peak allocated (MB) | estimate / allocated | peak RSS − RSS after imports (MB) |")
     print("|---|---|---|---|---|")

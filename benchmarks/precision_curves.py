@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 import zotune
-from zotune import models, tasks
-from zotune.config import TrainConfig
-from zotune.scoring import Scorer
+from zotune.assets import models
+from zotune import tasks
+from zotune.recipe.config import TrainConfig
+from zotune.tasks.scoring import Scorer
 
 RUNS = {  # name: (dtype, stochastic rounding, seed)
     "fp32": ("fp32", True, 0),

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from zotune import train as recipe
-from zotune.config import from_mapping
+from zotune.recipe import train as recipe
+from zotune.recipe.config import from_mapping
 
 
 def written_bytes(folder: Path) -> int:

@@ -101,7 +101,7 @@ def stop_after(monkeypatch, steps):
     however often the run is resumed; returns the unpatched ``Run.train_step``."""
     import signal
 
-    from zotune.train import Run
+    from zotune.recipe.train import Run
 
     original = Run.train_step
 

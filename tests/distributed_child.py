@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests packag
 
 from tests.conftest import VOCAB, restore, snapshot, tiny_model  # noqa: E402
 from zotune import MeZO, cli  # noqa: E402
-from zotune import train as recipe  # noqa: E402
+from zotune.recipe import train as recipe  # noqa: E402
 from zotune.engine import distributed, sharding  # noqa: E402
 
 

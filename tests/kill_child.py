@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 
 from zotune import cli, core
-from zotune import train as recipe
-
-
+from zotune.recipe import train as recipe
 def die():
     sys.stdout.flush()
     sys.stderr.flush()

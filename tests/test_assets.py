@@ -7,14 +7,14 @@ import zipfile
 
 import pytest
 
-from zotune import assets
+from zotune.assets import cache as asset_cache, packages as assets
 from zotune.errors import UserError
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
-    monkeypatch.setenv(assets.CACHE_ENV, str(root))
+    monkeypatch.setenv(asset_cache.CACHE_ENV, str(root))
     return root
 
 
@@ -47,14 +47,14 @@ def _refuse(*args):
 
 
 def test_cache_dir_honours_env(cache):
-    assert assets.cache_dir() == cache
+    assert asset_cache.cache_dir() == cache
     assert cache.is_dir()
 
 
 def test_cache_dir_default(tmp_path, monkeypatch):
-    monkeypatch.delenv(assets.CACHE_ENV, raising=False)
+    monkeypatch.delenv(asset_cache.CACHE_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert assets.cache_dir() == tmp_path / ".cache" / "zotune"
+    assert asset_cache.cache_dir() == tmp_path / ".cache" / "zotune"
 
 
 def test_rt_extracts_only_the_verified_file(cache, monkeypatch):
@@ -157,7 +157,7 @@ def test_too_little_space_is_user_error(cache, monkeypatch):
 @pytest.fixture(scope="module")
 def real_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(assets.CACHE_ENV, str(tmp_path_factory.mktemp("zotune-cache")))
+        mp.setenv(asset_cache.CACHE_ENV, str(tmp_path_factory.mktemp("zotune-cache")))
         yield
 
 

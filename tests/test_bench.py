@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig
 
-from zotune import bench, cli, meters
+from zotune import cli
+from zotune.tools import bench
+from zotune.tools import meters
 from zotune.errors import UserError
 
 
@@ -46,7 +48,6 @@ def test_the_host_peak_sees_a_transient_allocation():
 
 def test_every_registered_method_and_variant_is_a_bench_row():
     from zotune import methods
-
     names = bench.all_methods()
     assert set(methods.names()) | {"forward", "mezo-reference", "mezo-rademacher", "mezo-lowrank", "mezo-offload",
                                    "hzo-offload", "hzo-k3"} == set(names)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from zotune import cli
-from zotune.checkpoint import load_state, save_state
-from zotune.train import Run, train
+from zotune.recipe.checkpoint import load_state, save_state
+from zotune.recipe.train import Run, train
 
 from .conftest import stop_after
 from .test_train import config, final_weights
@@ -120,7 +120,7 @@ def test_a_kill_during_the_swap_leaves_the_previous_checkpoint(tiny_model_dir, t
 def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     import errno
 
-    from zotune import checkpoint
+    from zotune.recipe import checkpoint
     from zotune.errors import UserError
 
     out = tmp_path / "run"

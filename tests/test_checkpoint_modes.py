@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zotune.train import Run, train
+from zotune.recipe.train import Run, train
 
 from .conftest import stop_after
 from .test_checkpoint import assert_one_line_error

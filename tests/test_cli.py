@@ -5,7 +5,6 @@ import sys
 import pytest
 
 from zotune import cli
-
 from .conftest import DATA
 
 CSV_TASK = ["--task", "csv", "--data", str(DATA / "reviews.csv"), "--template", "{text} It was",

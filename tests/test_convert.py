@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from zotune import cli, convert, models
-from zotune.assets import file_sha256
+from zotune import cli
+from zotune.assets import convert
+from zotune.assets import models
+from zotune.assets.cache import file_sha256
 from zotune.errors import UserError
 
 from .test_cli import CSV_TASK

@@ -1,8 +1,7 @@
 from transformers import LlamaConfig
 
-from zotune import bench, demo
-
-
+from zotune.tools import bench
+from zotune.tools import demo
 def test_the_side_by_side_has_a_measured_row_per_method(tmp_path, capsys):
     # llama-tiny with 4 blocks: the demo's HZO row trains the last 3 by first order.
     LlamaConfig(**{**bench.LLAMA["llama-tiny"], "num_hidden_layers": 4}).save_pretrained(tmp_path)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from zotune import cli
-from zotune.train import train
+from zotune.recipe.train import train
 
 from .test_train import DATA, LRS, config, final_weights
 

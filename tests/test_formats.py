@@ -4,10 +4,13 @@ non-differentiable objectives and in-context demonstrations."""
 import pytest
 import torch
 
-from zotune import cli, models, tasks
-from zotune.metrics import exact_match, token_f1
-from zotune.scoring import Scorer, evaluate, loss_function
-from zotune.train import train
+from zotune import cli
+from zotune.assets import models
+from zotune import tasks
+from zotune.tasks import catalogue
+from zotune.tasks.metrics import exact_match, token_f1
+from zotune.tasks.scoring import Scorer, evaluate, loss_function
+from zotune.recipe.train import train
 
 from .conftest import save_tiny_model
 from .test_scoring import reference_score
@@ -144,7 +147,7 @@ def test_demonstrations_come_before_every_prompt():
 @pytest.mark.parametrize("task_builder,objective", [(choice_task, "loss"), (choice_task, "accuracy"),
                                                     (generation_task, "loss"), (generation_task, "f1")])
 def test_runs_on_multiple_choice_and_generation_tasks(tiny_model_dir, tmp_path, monkeypatch, task_builder, objective):
-    monkeypatch.setitem(tasks.BUILDERS, "csv", lambda config: task_builder())
+    monkeypatch.setitem(catalogue.BUILDERS, "csv", lambda config: task_builder())
     result = train(config(tiny_model_dir, tmp_path / "run", method="mezo", lr=1e-3, objective=objective,
                           max_new_tokens=3))
     metric = "f1" if task_builder is generation_task else "accuracy"
@@ -162,7 +165,7 @@ def test_a_non_differentiable_objective_needs_a_gradient_free_method(tiny_model_
 def test_a_jsonl_file_brings_its_own_choices_or_answers(tmp_path):
     import json
 
-    from zotune.config import from_mapping
+    from zotune.recipe.config import from_mapping
     from zotune.errors import UserError
 
     choices = tmp_path / "copa.jsonl"

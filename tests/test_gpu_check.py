@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zotune import bench
+from zotune.tools import bench
 from zotune.core import kernels
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""zotune methods inside transformers.Trainer (zotune.hf.ZOTrainer), on a tiny random llama, CPU."""
+"""zotune methods inside transformers.Trainer (zotune.integrations.trainer.ZOTrainer), on a tiny random llama, CPU."""
 
 import hashlib
 import json
@@ -13,7 +13,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from transformers import TrainingArguments, get_scheduler
 
 from tests.conftest import VOCAB, WORDS, save_tiny_model, snapshot, tiny_model
-from zotune.hf import MethodOptimizer, ZOTrainer
+from zotune.integrations.trainer import MethodOptimizer, ZOTrainer
 from zotune.methods import MeZOConfig, MeZOMethod
 
 STEPS, BATCH = 4, 4

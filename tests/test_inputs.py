@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from zotune import models
+from zotune.assets import models
 from zotune.errors import UserError
-from zotune.scoring import Scorer
+from zotune.tasks.scoring import Scorer
 
 from .conftest import save_tiny_model, tiny_model
 
@@ -34,7 +34,7 @@ def test_candidates_that_tokenize_alike_are_refused(tmp_path):
 
 def test_an_empty_test_pool_is_refused(tmp_path):
     from zotune import tasks
-    from zotune.config import from_mapping
+    from zotune.recipe.config import from_mapping
 
     from .conftest import DATA
 
@@ -52,7 +52,6 @@ def test_an_empty_test_pool_is_refused(tmp_path):
 
 def test_an_output_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, capsys):
     from zotune import cli
-
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     args = ["train", "--model", str(tiny_model_dir), "--output", str(blocker / "run"), "--steps", "1",

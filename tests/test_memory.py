@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from zotune import bench, cli, memory
+from zotune import cli
+from zotune.tools import bench
+from zotune.tools import memory
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.methods import HZOConfig, HZOMethod, MeZOConfig, MeZOMethod

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from zotune import cli
-
 pytestmark = pytest.mark.slow
 
 
@@ -25,8 +24,8 @@ def test_mezo_step_on_default_model_is_exact_at_lr_zero(tmp_path):
     import torch
 
     import zotune
-    from zotune import models
-    from zotune.scoring import Scorer
+    from zotune.assets import models
+    from zotune.tasks.scoring import Scorer
 
     model, tokenizer, kind = models.load("smollm2", "bf16", device="cpu")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from zotune import cli, report
-
+from zotune import cli
+from zotune.recipe import report
 matplotlib = pytest.importorskip("matplotlib")
 
 

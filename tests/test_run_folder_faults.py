@@ -32,7 +32,6 @@ from pathlib import Path
 import pytest
 
 from zotune import cli
-
 from .test_checkpoint import _interrupted_run
 from .test_cli import CSV_TASK
 
@@ -225,8 +224,7 @@ def test_a_bad_setting_in_config_yaml_names_the_file(runs, tmp_path, capsys, key
 
 
 def test_config_yaml_carries_its_format_and_older_files_still_load(runs, tmp_path, capsys):
-    from zotune import config as cfg
-
+    from zotune.recipe import config as cfg
     run = tmp_path / "run"
     shutil.copytree(runs / "mezo", run)
     assert (run / "config.yaml").read_text().startswith(f"zotune_format: {cfg.FORMAT}\n")

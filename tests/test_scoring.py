@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from zotune import models
+from zotune.assets import models
 from zotune.errors import UserError
-from zotune.scoring import Scorer, evaluate
-from zotune.tasks import Example, Task
+from zotune.tasks.scoring import Scorer, evaluate
+from zotune.tasks.catalogue import Example, Task
 
 from .conftest import save_tiny_model
 

@@ -1,7 +1,7 @@
 import pytest
 
 from zotune import tasks
-from zotune.config import TrainConfig
+from zotune.recipe.config import TrainConfig
 from zotune.errors import UserError
 
 from .conftest import DATA
@@ -26,7 +26,7 @@ def test_user_files_load_with_labels_mapped_to_candidates(kind):
 
 
 def test_rt_sst2_drops_neutral_sentences_and_labels_by_sign(monkeypatch):
-    monkeypatch.setattr("zotune.assets.rt_sentences_file", lambda: DATA / "rt_sample.txt")
+    monkeypatch.setattr("zotune.assets.packages.rt_sentences_file", lambda: DATA / "rt_sample.txt")
     task = tasks.build_task(TrainConfig(task="rt-sst2"))
     examples = task.train_pool + task.test_pool
     assert len(examples) == 80  # the 0.2-rated sentence is gone
@@ -105,7 +105,7 @@ def test_sst2_without_the_hub_says_what_to_do(monkeypatch):
 @pytest.mark.parametrize("spec", ["pos=great,neg=terrible", "1=great,0=terrible", "negative=terrible,positive=great",
                                   "terrible=terrible,great=great"])
 def test_sentiment_candidates_keep_their_classes_whatever_the_order(spec):
-    from zotune.tasks import _words
+    from zotune.tasks.catalogue import _words
 
     class Given:
         candidates, task = spec, "rt-sst2"

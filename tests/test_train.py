@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zotune.config import from_mapping
-from zotune.train import Interrupted, Run, resume_config, train
+from zotune.recipe.config import from_mapping
+from zotune.recipe.train import Interrupted, Run, resume_config, train
 
 from .conftest import DATA, stop_after
 
@@ -68,13 +68,13 @@ def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_
 
 
 def test_lmao_run_exports_a_merged_model_that_evaluates_like_the_adapted_one(tiny_model_dir, tmp_path):
-    from zotune.evaluation import evaluate_run
+    from zotune.recipe.evaluation import evaluate_run
 
     out = tmp_path / "lmao"
     result = train(config(tiny_model_dir, out, method="lmao", lr=1e-2, lr_base=1e-2, zero_shot=False))
     assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
     # The base weights alone come back from the trajectory; with the adapter merged they are the run's model.
-    from zotune.evaluation import replay_run
+    from zotune.recipe.evaluation import replay_run
 
     message = replay_run(str(out), str(tmp_path / "base"))
     assert "bit-identical to the run's model with the adapter merged" in message
@@ -132,7 +132,7 @@ def test_masked_lm_trains_and_evaluates(tmp_path, method):
 @pytest.mark.parametrize("method", ["mezo", "lmao", "hzo"])
 def test_a_diverging_zeroth_order_run_is_a_user_error(tiny_model_dir, tmp_path, monkeypatch, method):
     from zotune.errors import UserError
-    from zotune.scoring import Scorer
+    from zotune.tasks.scoring import Scorer
 
     def nan_loss(self, scoring, labels, copies=None):
         return torch.full(() if copies is None else (copies,), float("nan"), requires_grad=True)

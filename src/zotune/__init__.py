@@ -3,10 +3,20 @@
 from zotune.core.directions import Dense, Direction, LowRank
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory, TrajectoryStep
-from zotune.methods.hzo import HZO
-from zotune.methods.lmao import LMAO
 
 __version__ = "0.1.0"
+
+# Loaded on first use: importing the core (``import zotune.core``) runs this file, and must not load the methods.
+_METHODS = {"HZO": "zotune.methods.hzo", "LMAO": "zotune.methods.lmao", "ZOTrainer": "zotune.integrations.trainer"}
+
+
+def __getattr__(name: str):
+    if name in _METHODS:
+        import importlib
+
+        value = globals()[name] = getattr(importlib.import_module(_METHODS[name]), name)
+        return value
+    raise AttributeError(f"module 'zotune' has no attribute {name!r}")
 
 __all__ = [
     "HZO",
@@ -17,6 +27,7 @@ __all__ = [
     "MeZO",
     "Trajectory",
     "TrajectoryStep",
+    "ZOTrainer",
     "decay_groups",
     "replay",
     "__version__",

@@ -9,10 +9,11 @@ import sys
 import warnings
 
 import zotune
-from zotune import config as cfg, methods
+from zotune import methods
+from zotune.recipe import config as cfg
 from zotune.engine import distributed
 from zotune.errors import UserError, unknown
-from zotune.train import Interrupted, resume_config, train
+from zotune.recipe.train import Interrupted, resume_config, train
 
 EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "text_column", "label_column", "template",
                "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "max_new_tokens",
@@ -47,7 +48,7 @@ def summary(result: dict, output) -> str:
 
 
 def cmd_eval(args) -> int:
-    from zotune.evaluation import evaluate_run, evaluate_model
+    from zotune.recipe.evaluation import evaluate_run, evaluate_model
 
     if args.run:
         result = evaluate_run(args.run, progress=getattr(args, "progress", True))
@@ -58,22 +59,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from zotune.evaluation import replay_run
+    from zotune.recipe.evaluation import replay_run
 
     print(replay_run(args.run, args.output))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from zotune import demo
-
+    from zotune.tools import demo
     demo.run(progress=not args.no_progress)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from zotune import bench
-
+    from zotune.tools import bench
     rows = []
     for name in args.model:
         rows += bench.bench(name, args.batch_size, args.length, args.dtype, args.device,
@@ -126,8 +125,8 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def cmd_memory(args) -> int:
-    from zotune import bench, memory
-
+    from zotune.tools import bench
+    from zotune.tools import memory
     gpu = memory.parse_size(args.gpu) if args.gpu else None
     for number, name in enumerate(args.model):
         shape = memory.shape_of(bench.build_config(name))
@@ -137,8 +136,7 @@ def cmd_memory(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from zotune import report
-
+    from zotune.recipe import report
     print(report.report(args.runs, args.output))
     figure = " and curves.png" if report.has_matplotlib() else " (pip install 'zotune[plot]' for curves.png)"
     print(f"wrote {args.output}/report.md{figure}", file=sys.stderr)
@@ -146,8 +144,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zotune import bench as bench_module
-
+    from zotune.tools import bench as bench_module
     parser = Parser(prog="zotune", description="Fine-tune language models when memory is the limit.")
     parser.add_argument("--version", action="version", version=f"zotune {zotune.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

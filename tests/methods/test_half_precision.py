@@ -104,7 +104,7 @@ def test_fp32_parameters_keep_plain_adamw_and_train_in_place():
 
 
 def test_state_dict_resumes_bit_identically_through_a_checkpoint(tmp_path):
-    from zotune.checkpoint import load_state, save_state
+    from zotune.recipe.checkpoint import load_state, save_state
 
     torch.manual_seed(0)
     start = [torch.randn(4, 3) * 0.02, torch.randn(5) * 0.02]
@@ -143,7 +143,7 @@ def test_state_dict_resumes_bit_identically_through_a_checkpoint(tmp_path):
 def test_fp16_run_resumes_bit_identically(tiny_model_dir, tmp_path, monkeypatch, method, checkpoint):
     from safetensors.torch import load_file
 
-    from zotune.train import Interrupted, Run, resume_config, train
+    from zotune.recipe.train import Interrupted, Run, resume_config, train
 
     from ..conftest import stop_after
     from ..test_train import config

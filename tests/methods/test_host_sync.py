@@ -3,8 +3,10 @@ before the step, and the methods read their losses in one transfer (tests/host_s
 
 import pytest
 
-from zotune import methods, models, tasks
-from zotune.scoring import Scorer, loss_function
+from zotune import methods
+from zotune.assets import models
+from zotune import tasks
+from zotune.tasks.scoring import Scorer, loss_function
 
 from ..host_sync import HostSync
 

@@ -4,7 +4,7 @@ import torch
 import zotune
 from zotune.errors import UserError
 from zotune.methods.hzo import split_parameters
-from zotune.train import train
+from zotune.recipe.train import train
 
 from ..conftest import lm_closure, snapshot, tiny_model
 from ..test_train import config
@@ -99,7 +99,7 @@ def test_unknown_model_names_the_option():
 
 
 def test_hzo_run_replays_from_trajectory_and_first_order_file(tiny_model_dir, tmp_path):
-    from zotune.evaluation import replay_run
+    from zotune.recipe.evaluation import replay_run
 
     out = tmp_path / "hzo"
     train(config(tiny_model_dir, out, method="hzo", lr=1e-2, lr_zo=1e-2, zero_shot=False, rank=1,

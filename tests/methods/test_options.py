@@ -5,9 +5,11 @@ import pytest
 import yaml
 
 import zotune
-from zotune import cli, config as cfg, methods
+from zotune import cli, methods
+from zotune.methods import lmao, mezo
+from zotune.recipe import config as cfg
 from zotune.errors import UserError
-from zotune.train import resume_config
+from zotune.recipe.train import resume_config
 
 from ..conftest import tiny_model
 from ..test_cli import CSV_TASK
@@ -22,8 +24,14 @@ def mezo_calls(monkeypatch):
         calls.append(kwargs)
         return real(params, **kwargs)
 
-    monkeypatch.setattr(zotune, "MeZO", spy)
+    patch_mezo(monkeypatch, spy)
     return calls
+
+
+def patch_mezo(monkeypatch, build):
+    """Makes the methods that build a zotune.MeZO call ``build`` instead."""
+    for module in (mezo, lmao):
+        monkeypatch.setattr(module, "MeZO", build)
 
 
 @pytest.mark.parametrize("method", ["mezo", "lmao"])
@@ -48,7 +56,7 @@ def test_defaults():
 
 
 def test_lowrank_builds_the_cores_low_rank_direction(monkeypatch, mezo_calls):
-    monkeypatch.setattr(zotune, "MeZO", lambda params, **kwargs: mezo_calls.append(kwargs))
+    patch_mezo(monkeypatch, lambda params, **kwargs: mezo_calls.append(kwargs))
     config = cfg.from_mapping({"direction": "lowrank", "rank": 3, "resample_every": 7})
     methods.MeZOMethod(tiny_model("llama"), config.options)
     direction = mezo_calls[-1]["direction"]
@@ -92,7 +100,7 @@ def test_settings_the_optimizer_rejects_are_user_errors(monkeypatch):
     def reject(params, **kwargs):
         raise ValueError("estimator 'fzoo' needs n_samples >= 2")
 
-    monkeypatch.setattr(zotune, "MeZO", reject)
+    patch_mezo(monkeypatch, reject)
     with pytest.raises(UserError, match="needs n_samples >= 2"):
         methods.MeZOMethod(tiny_model("llama"), methods.MeZOConfig(estimator="fzoo"))
 

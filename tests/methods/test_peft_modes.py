@@ -10,10 +10,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import BertConfig, BertForMaskedLM
 
-from zotune import cli, config as cfg, methods
+from zotune import cli, methods
+from zotune.recipe import config as cfg
 from zotune.errors import UserError
 from zotune.methods.adapters import add_adapters, init_prefix, prefix_weight
-from zotune.train import Interrupted, Run, resume_config, train
+from zotune.recipe.train import Interrupted, Run, resume_config, train
 
 from ..conftest import VOCAB, stop_after, tiny_model
 from ..test_train import config

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zotune import cli, config as cfg, methods
+from zotune import cli, methods
+from zotune.recipe import config as cfg
 from zotune.errors import UserError
 from zotune.methods import Method, MethodConfig, option
-from zotune.train import Interrupted, Run, resume_config, train
+from zotune.recipe.train import Interrupted, Run, resume_config, train
 
 from ..conftest import stop_after
 from ..test_cli import CSV_TASK

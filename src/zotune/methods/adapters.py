@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from zotune.core.rng import hash64
-from zotune.errors import UserError
+from zotune.errors import UserError, reason
 from zotune.methods.first_order import LoRAConfig
 from zotune.methods.registry import check_positive, option
-from zotune.models import add_lora, quiet_peft
+from zotune.assets.models import add_lora, quiet_peft
 
 PEFT_MODES = ("none", "lora", "prefix")
 # MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
@@ -59,7 +59,7 @@ class PeftOptions(LoRAConfig):
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, "prefix_tokens")
-        if self.peft != "none" and getattr(self, "offload", "none") != "none":
+        if self.peft != "none" and self.streams_blocks:
             raise UserError(f"--peft {self.peft} trains a small adapter on a frozen model; --offload streams trained "
                             "blocks: drop --offload (or --peft)")
 
@@ -152,7 +152,7 @@ def _add_prefix(model, tokens: int, seed: int):
         with quiet_peft():
             wrapped = get_peft_model(model, config)
     except ValueError as error:
-        raise UserError(f"--peft prefix: {str(error).splitlines()[0]}") from None
+        raise UserError(f"--peft prefix: {reason(error)}") from None
     init_prefix(wrapped, seed)
     return quiet_prefix_forward(wrapped)
 

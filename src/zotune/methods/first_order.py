@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import zotune
+from zotune.core.optim import decay_groups
 from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
 from zotune.methods.registry import Method, MethodConfig, check_positive, option
-from zotune.models import add_lora
+from zotune.assets.models import add_lora
 
 
 @dataclass
@@ -30,7 +30,7 @@ class FT(Method):
 
     def __init__(self, model, config: FTConfig, seed: int = 0, steps: int = 1):
         super().__init__(model, config, seed, steps)
-        self.optimizer = adamw(zotune.decay_groups(model.named_parameters(), config.weight_decay), lr=config.lr)
+        self.optimizer = adamw(decay_groups(model.named_parameters(), config.weight_decay), lr=config.lr)
 
     def step(self, loss_fn) -> dict:
         self.model.train()

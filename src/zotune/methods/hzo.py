@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import zotune
+from zotune.core.directions import LowRank
+from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.engine.distributed import average_gradients
 from zotune.core.mixed_precision import adamw
 from zotune.core.trajectory import Trajectory
@@ -139,11 +140,11 @@ class HZO(Hybrid):
         self.deep = [p for _, p in deep]
         for param in self.shallow + self.deep:
             param.requires_grad_(True)
-        direction = direction or zotune.LowRank(rank=rank, interval=interval, orthonormal=orthonormal)
-        self.zo = zotune.MeZO(zotune.decay_groups(shallow, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
+        direction = direction or LowRank(rank=rank, interval=interval, orthonormal=orthonormal)
+        self.zo = MeZO(decay_groups(shallow, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
                               estimator=estimator, direction=direction, seed=seed,
                               stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
-        self.fo = adamw(zotune.decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
+        self.fo = adamw(decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
         self.fo_steps = 0
         self.last_fo_loss: float | None = None
 
@@ -291,6 +292,14 @@ class HZOMethod(Method):
     replays = "model (shallow part from the trajectory, deep part from first_order.safetensors; with --peft: " \
               "the adapter)"
 
+    @property
+    def scheduled_groups(self) -> list[dict]:
+        return self.optimizer.zo.param_groups  # the first-order rate decays by the method's own schedule
+
+    @property
+    def unaveraged_optimizers(self) -> list:
+        return [self.optimizer.fo] if self.optimizer.fo is not None else []  # deep gradients: torch.autograd.grad
+
     def __init__(self, model, config: HZOConfig, seed: int = 0, steps: int = 1):
         super().__init__(add_adapters(model, config, seed), config, seed, steps)
         options = zo_options(config)
@@ -338,7 +347,7 @@ class HZOMethod(Method):
                                    _adapter_names(model, config))[0]
         for _, param in shallow:
             param.requires_grad_(True)
-        zotune.replay(zotune.decay_groups(shallow, config.weight_decay), trajectory)
+        replay(decay_groups(shallow, config.weight_decay), trajectory)
         deep = Path(trajectory).parent / "first_order.safetensors"
         if not deep.is_file():
             raise UserError(f"{deep} is missing: the first-order part cannot be rebuilt from seeds")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-import zotune
+from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
 from zotune.methods.first_order import LoRAConfig
@@ -68,7 +68,7 @@ class LMAO(Hybrid):
         )
         for p in self.base:  # decay_groups keeps trainable parameters; ZO phases switch them on in turn
             p.requires_grad_(True)
-        self.zo = zotune.MeZO(zotune.decay_groups(base, weight_decay), lr=lr_base, eps=eps, n_samples=n_samples,
+        self.zo = MeZO(decay_groups(base, weight_decay), lr=lr_base, eps=eps, n_samples=n_samples,
                               seed=seed, direction=direction, estimator=estimator,
                               stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
         self._train_only(self.adapters)
@@ -134,6 +134,10 @@ class LMAOMethod(Method):
 
     replays = "base weights (no adapters)"
 
+    @property
+    def scheduled_groups(self) -> list[dict]:
+        return self.optimizer.zo.param_groups  # the adapters' rate decays by the method's own schedule
+
     def __init__(self, model, config: LMAOConfig, seed: int = 0, steps: int = 1):
         super().__init__(config.wrap(model), config, seed, steps)
         with settings_errors():
@@ -166,7 +170,7 @@ class LMAOMethod(Method):
             wrapped = config.wrap(model)
         # The trajectory's keys are the parameter names inside the peft model, as LMAO recorded them.
         base = [(name, p.requires_grad_(True)) for name, p in wrapped.named_parameters() if not is_adapter(name)]
-        zotune.replay(zotune.decay_groups(base, config.weight_decay), trajectory)
+        replay(decay_groups(base, config.weight_decay), trajectory)
         return wrapped.unload()
 
     @classmethod

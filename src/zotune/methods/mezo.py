@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-import zotune
+from zotune.core.directions import LowRank
+from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory
 from zotune.engine import sharding
 from zotune.engine.blocks import find_blocks
@@ -52,8 +53,8 @@ def zo_options(config: ZOConfig) -> dict:
     """The keyword arguments of :class:`zotune.MeZO` that come from a ZO config."""
     direction = config.direction
     if direction == "lowrank":
-        direction = zotune.LowRank(rank=config.rank, interval=config.resample_every)
-    stacked = config.stacked or getattr(config, "offload", "none") != "none"
+        direction = LowRank(rank=config.rank, interval=config.resample_every)
+    stacked = config.stacked or config.streams_blocks
     return dict(eps=config.eps, n_samples=config.n_samples, direction=direction, estimator=config.estimator,
                 stochastic_rounding=config.stochastic_rounding, stacked=stacked, merge=config.merge)
 
@@ -77,6 +78,10 @@ class OffloadOptions:
                                       "on the device)")
     offload_head: bool = option(False, "with --offload: stream the output head too, when it trains by zeroth order "
                                 "(default: it stays on the device)")
+
+    @property
+    def streams_blocks(self) -> bool:
+        return self.offload != "none"
 
 
 def compute_device() -> torch.device:
@@ -122,6 +127,10 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
                          "--checkpoint trajectory and dense directions")
 
+    @property
+    def shards_weights(self) -> bool:
+        return self.shard
+
     def __post_init__(self):
         self.resolve(lr="lr", eps="eps")
         super().__post_init__()
@@ -149,7 +158,7 @@ class MeZOMethod(Method):
 
     def _build_optimizer(self) -> None:
         with settings_errors():
-            self.optimizer = zotune.MeZO(zotune.decay_groups(self.model.named_parameters(), self.config.weight_decay),
+            self.optimizer = MeZO(decay_groups(self.model.named_parameters(), self.config.weight_decay),
                                          lr=self.config.lr, seed=self.seed, **zo_options(self.config))
         self.zeroth_order = self.optimizer
 
@@ -193,5 +202,5 @@ class MeZOMethod(Method):
     @classmethod
     def replay(cls, model, config: MeZOConfig, trajectory):
         model = add_adapters(model, config, Trajectory.load(trajectory).seed)  # the run's initial adapter
-        zotune.replay(zotune.decay_groups(model.named_parameters(), config.weight_decay), trajectory)
+        replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
         return model

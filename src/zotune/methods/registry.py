@@ -1,6 +1,6 @@
 """The method registry: name -> (Config, Method).
 
-The recipe (``zotune.train``), evaluation and replay, the CLI and the bench read this
+The recipe (``zotune.recipe.train``), evaluation and replay, the CLI and the bench read this
 table and never branch on a method's name, so a new method is one module (a Config
 dataclass and a :class:`Method` subclass) plus one :func:`register` line in
 ``zotune/methods/__init__.py``.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from zotune.errors import UserError, unknown
+from zotune.errors import UserError, reason, unknown
 
 
 def option(default, help: str, **extra):
@@ -56,7 +56,7 @@ def settings_errors():
     try:
         yield
     except ValueError as error:
-        raise UserError(str(error).splitlines()[0]) from None
+        raise UserError(reason(error)) from None
 
 
 @dataclass
@@ -70,6 +70,18 @@ class MethodConfig:
     def __post_init__(self):
         check_choices(self)
         check_non_negative(self, "lr", "weight_decay")
+
+    @property
+    def streams_blocks(self) -> bool:
+        """Whether the model stays in host memory and its blocks stream through the device
+        (the recipe then loads it on the CPU; the method places what stays resident)."""
+        return False
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether each process keeps a shard of the weights (checkpoints then hold none; every
+        rank scores every example)."""
+        return False
 
 
 class Method:
@@ -130,6 +142,17 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+    @property
+    def scheduled_groups(self) -> list[dict]:
+        """The param groups whose ``lr`` an outside scheduler (the HF Trainer's) may drive."""
+        return self.optimizer.param_groups
+
+    @property
+    def unaveraged_optimizers(self) -> list:
+        """First-order optimizers whose gradients DDP does not average (taken with
+        ``torch.autograd.grad``, not ``backward``): a data-parallel caller averages them itself."""
+        return []
 
     def checkpoint_tensors(self) -> dict:
         """The tensors a resumable checkpoint must hold: those the method changes."""

@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from zotune.checkpoint import current_checkpoint, link_or_copy, load_state, manifest_digests, save_state
+from zotune.recipe.checkpoint import current_checkpoint, link_or_copy, load_state, manifest_digests, save_state
 from zotune.core.trajectory import TrajectoryStep
 from zotune.engine.sharding import full
-from zotune.errors import UserError
+from zotune.errors import UserError, reason
 
 MODES = ("full", "trajectory")
 BASE_FORMAT = "zotune-trajectory-checkpoint/1"
@@ -39,8 +39,8 @@ def load_method_state(folder: Path) -> dict:
     try:
         return torch.load(folder / "state.pt", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any refusal or corruption: one line for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{folder / 'state.pt'} cannot be read safely ({reason[:200]}); restart the run with "
+        why = reason(error)
+        raise UserError(f"{folder / 'state.pt'} cannot be read safely ({why}); restart the run with "
                         "--overwrite") from None
 
 
@@ -54,7 +54,7 @@ def _copy_into(params: dict, tensors: dict, path: Path) -> None:
             param.copy_(tensors[name])
 
 
-class Full:
+class FullCheckpoints:
     """Every trained weight and the optimizer state, at every checkpoint."""
 
     def __init__(self, method):
@@ -82,7 +82,7 @@ class Full:
         torch.set_rng_state(saved["rng"])  # inside the run's forked RNG: dropout resumes where it was
 
 
-class Trajectory(Full):
+class TrajectoryCheckpoints(FullCheckpoints):
     """The zeroth-order weights as (initial model or snapshot) + recorded steps."""
 
     def __init__(self, method, progress: bool = True, snapshot_every: int = 0):
@@ -173,5 +173,5 @@ class Trajectory(Full):
 
 def make(mode: str, method, progress: bool = True, snapshot_every: int = 0):
     if mode == "trajectory":
-        return Trajectory(method, progress, snapshot_every)
-    return Full(method)
+        return TrajectoryCheckpoints(method, progress, snapshot_every)
+    return FullCheckpoints(method)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from zotune import convert
-from zotune.meters import Meter, Traffic, host_allocated_bytes, link_bandwidth, link_columns, offload_columns
+from zotune.assets import convert
+from zotune.tools.meters import Meter, Traffic, host_allocated_bytes, link_bandwidth, link_columns, offload_columns
 from zotune import methods as registry
-from zotune.errors import UserError
-from zotune.models import DTYPES
+from zotune.errors import UserError, reason
+from zotune.assets.models import DTYPES
 
 # Bench-only rows besides the registered methods: a baseline and the research code's MeZO step.
 FORWARD, REFERENCE = "forward", "mezo-reference"
@@ -82,8 +82,8 @@ def build_config(name: str):
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0]
-        raise UserError(f"unknown model {name!r} ({reason}); built in: {', '.join(MODELS)}") from None
+        why = reason(error)
+        raise UserError(f"unknown model {name!r} ({why}); built in: {', '.join(MODELS)}") from None
 
 
 # Length of the random sequence the weights repeat: a prime, so that no row of a matrix repeats another.

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zotune import bench, config as cfg, memory
-from zotune.train import train
+from zotune.tools import bench
+from zotune.recipe import config as cfg
+from zotune.tools import memory
+from zotune.recipe.train import train
 
 # HZO, 3 first-order blocks: 84.7 % after 120 steps of 8 (BENCHMARKS.md, "HZO against LoRA-FT").
 DEMO = dict(model="smollm2", task="rt-sst2", method="hzo", steps=120, batch_size=8, lr=1e-3, deep_blocks=3,

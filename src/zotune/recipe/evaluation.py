@@ -6,12 +6,14 @@ from pathlib import Path
 
 import torch
 
-from zotune import methods, models, tasks
-from zotune.config import TrainConfig, from_mapping, load_run
+from zotune import methods
+from zotune.assets import models
+from zotune import tasks
+from zotune.recipe.config import TrainConfig, from_mapping, load_run
 from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
 from zotune.methods.adapters import quiet_prefix_forward
-from zotune.scoring import Scorer, evaluate
+from zotune.tasks.scoring import Scorer, evaluate
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newer and older
 

@@ -23,11 +23,10 @@ def resolve(name: str) -> str:
     """The folder or hub id behind a model name (``smollm2`` is the embedded default; a ``.gguf``
     file is converted once into a cached folder)."""
     if name in (DEFAULT_MODEL, "default"):
-        from zotune.assets import default_model_dir
+        from zotune.assets.packages import default_model_dir
 
         return str(default_model_dir())
-    from zotune import convert
-
+    from zotune.assets import convert
     if convert.is_gguf(name):
         return str(convert.gguf_model_dir(name))
     path = Path(name).expanduser()
@@ -139,4 +138,4 @@ def add_lora(model, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj")):
         with quiet_peft():
             return get_peft_model(model, config)
     except ValueError as error:
-        raise UserError(f"LoRA targets {','.join(targets)}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"LoRA targets {','.join(targets)}: {reason(error)}") from None

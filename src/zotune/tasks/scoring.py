@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from zotune.engine.offload import device_of
 from zotune.errors import UserError
-from zotune.metrics import exact_match, token_f1
+from zotune.tasks.metrics import exact_match, token_f1
 
 
 def _forward_accepts(model, name: str) -> bool:

@@ -16,7 +16,8 @@ test ids never collide.
 
 from __future__ import annotations
 
-from zotune.errors import UserError
+from zotune.errors import UserError, reason
+from zotune.tasks.examples import Example, Task, parse_candidates
 
 # task -> (hub dataset id, config name). Parquet repositories: the script-based "super_glue",
 # "squad" and "drop" no longer load with datasets>=4 (scripts are no longer supported).
@@ -49,8 +50,8 @@ def load_splits(task: str):
         data = datasets.load_dataset(path, name)
         return data["train"], data["validation"]
     except Exception as error:  # the hub raises many types; the user needs the first line
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"could not load {where} from the hub for task {task} ({reason}); "
+        why = reason(error)
+        raise UserError(f"could not load {where} from the hub for task {task} ({why}); "
                         "check the network, or use an offline task (rt-sst2, csv, jsonl)") from None
 
 
@@ -86,8 +87,6 @@ CLASSIFICATION = {
 def _classification_words(name: str, default: list[str], config) -> list[str]:
     if not config.candidates:
         return list(default)
-    from zotune.tasks import parse_candidates
-
     words = list(parse_candidates(config.candidates).values())
     if len(words) != len(default):  # the label indexes the words: a different count mislabels silently
         raise UserError(f"task {name} has {len(default)} classes ({', '.join(default)}): give --candidates "
@@ -136,8 +135,6 @@ GENERATION = {
 
 def _examples(task: str, split: str, rows, convert):
     """Example per row; ``convert(row)`` returns the Example's fields, or None to drop the row."""
-    from zotune.tasks import Example
-
     examples = []
     for position, row in enumerate(rows):
         fields = convert(row)
@@ -157,8 +154,6 @@ def _template(name: str, default: str, config) -> str:
 
 def build(name: str, config):
     """The Task ``name`` (one of HUB_DATASETS) with the paper's template and candidates."""
-    from zotune.tasks import Task
-
     if name in CLASSIFICATION:
         default, render = CLASSIFICATION[name]
         words = _classification_words(name, default, config)
@@ -202,5 +197,5 @@ def build(name: str, config):
                 _examples(name, "validation", validation_rows, convert), kind, separator=separator)
 
 
-# task name -> builder(config) -> zotune.tasks.Task
+# task name -> builder(config) -> zotune.tasks.examples.Task
 BUILDERS: dict = {name: (lambda config, name=name: build(name, config)) for name in HUB_DATASETS}

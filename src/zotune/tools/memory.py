@@ -47,10 +47,10 @@ import torch
 from zotune.core.estimate import get as estimator
 from zotune.engine.blocks import find_blocks
 from zotune.engine.offload import SLOTS
-from zotune.errors import UserError
+from zotune.errors import UserError, reason
 from zotune.methods.hzo import HZOConfig
 from zotune.methods.mezo import MeZOConfig
-from zotune.models import kind_of
+from zotune.assets.models import kind_of
 
 METHODS = ("inference", "mezo", "mezo-offload", "lora-ft", "ft", "lmao", "hzo", "hzo-offload")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -81,7 +81,7 @@ def shape_of(config) -> Shape:
         try:
             model = (AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM).from_config(config)
         except ValueError as error:
-            raise UserError(f"cannot build a {kind} LM from this config ({str(error).splitlines()[0]})") from None
+            raise UserError(f"cannot build a {kind} LM from this config ({reason(error)})") from None
     layout = find_blocks(model)
     named = dict(model.named_parameters())  # tied weights once
     block_sizes = [sum(p.numel() for n, p in named.items() if n.startswith(prefix + ".")) for prefix, _ in layout.blocks]

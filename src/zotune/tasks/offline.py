@@ -20,8 +20,9 @@ import csv
 import random
 import re
 
-from zotune import assets
+from zotune.assets import packages as assets
 from zotune.errors import UserError
+from zotune.tasks.examples import TEST_POOL_FRACTION, TEST_POOL_SEED, Example, Task, fixed_split, parse_candidates
 
 # rt-sst5: SST-5's bins of [0, 1] ([0, .2], (.2, .4], ..., (.8, 1]) mapped onto the mean rating in [-4, 4].
 SST5_EDGES = (-2.4, -0.8, 0.8, 2.4)
@@ -58,12 +59,6 @@ _APOSTROPHES = ("\u00d5\u00a2_\x8a\u00ce_\x86\u00a2", "\u00e4\u00f3\u00bb", "\x8
 _APOSTROPHE = re.compile("(?<=[A-Za-z])(?:" + "|".join(map(re.escape, _APOSTROPHES)) + ")(?=[a-z])")
 
 
-def _tasks():
-    from zotune import tasks  # here, not at the top: tasks imports this module at its bottom
-
-    return tasks
-
-
 def _template(config, default: str) -> str:
     template = config.template or default
     if "{text}" not in template:
@@ -76,7 +71,7 @@ def _candidates(config, classes: tuple[str, ...], default: tuple[str, ...]) -> l
     name or index, or else taken in the order given."""
     if not config.candidates:
         return list(default)
-    mapping = _tasks().parse_candidates(config.candidates)
+    mapping = parse_candidates(config.candidates)
     if len(mapping) != len(classes):
         raise UserError(f"task {config.task} has {len(classes)} classes ({', '.join(classes)}): "
                         f"--candidates needs {len(classes)} label=word pairs, got {len(mapping)}")
@@ -89,10 +84,9 @@ def _candidates(config, classes: tuple[str, ...], default: tuple[str, ...]) -> l
 def _group_split(examples: list, group: dict) -> tuple[list, list]:
     """Train and test pools with whole groups (films) on one side: a fixed share of the
     groups, drawn with the fixed test-pool seed, not the run seed."""
-    t = _tasks()
     names = sorted({group[e.id] for e in examples})
-    random.Random(t.TEST_POOL_SEED).shuffle(names)
-    held_out = set(names[: max(1, int(len(names) * t.TEST_POOL_FRACTION))])
+    random.Random(TEST_POOL_SEED).shuffle(names)
+    held_out = set(names[: max(1, int(len(names) * TEST_POOL_FRACTION))])
     return [e for e in examples if group[e.id] not in held_out], [e for e in examples if group[e.id] in held_out]
 
 
@@ -100,7 +94,7 @@ def _balanced(examples: list, n_classes: int) -> list:
     """Every class cut down to the size of the smallest (a fixed draw), in file order."""
     by_class = [[e for e in examples if e.label == c] for c in range(n_classes)]
     size = min(map(len, by_class))
-    rng = random.Random(_tasks().TEST_POOL_SEED)
+    rng = random.Random(TEST_POOL_SEED)
     keep = {e.id for members in by_class for e in rng.sample(members, size)}
     return [e for e in examples if e.id in keep]
 
@@ -134,16 +128,15 @@ def build_rt_sst5(config):
     these words carry as much signal as awful/.../excellent once that prior is removed).
     Shares about 10/35/10/35/10%, as the file was selected for polarity. Test pool: a
     fixed 20% slice, drawn as for rt-sst2 (over all 10,603 sentences, so not the same one)."""
-    t = _tasks()
     examples = []
     with open(assets.rt_sentences_file(), encoding="utf-8", newline="") as handle:
         for line in handle:
             fields = line.rstrip("\r\n").split("\t")
             if len(fields) < 3:
                 continue
-            examples.append(t.Example(fields[0], fields[2].strip(), sst5_label(float(fields[1]))))
-    train_pool, test_pool = t._fixed_split(_unique(examples))
-    return t.Task(config.task, _template(config, SST5_TEMPLATE), _candidates(config, SST5_CLASSES, SST5_WORDS),
+            examples.append(Example(fields[0], fields[2].strip(), sst5_label(float(fields[1]))))
+    train_pool, test_pool = fixed_split(_unique(examples))
+    return Task(config.task, _template(config, SST5_TEMPLATE), _candidates(config, SST5_CLASSES, SST5_WORDS),
                   train_pool, test_pool)
 
 
@@ -174,7 +167,6 @@ def build_rt_subj(config):
     films. Classes (for --candidates): review, plot; words review/summary after
     "{text} This is a" (MeZO's "{text} This is" + subjective/objective gets
     ``--template "{text} This is" --candidates review=subjective,plot=objective``)."""
-    t = _tasks()
     examples, film = [], {}
     for number, category, text, movie in _corpus_rows():
         if category == "plot":
@@ -183,10 +175,10 @@ def build_rt_subj(config):
             parts = [(str(number), text)]
         for key, sentence in parts:
             if SUBJ_MIN_WORDS <= len(sentence.split()) <= SUBJ_MAX_WORDS:
-                examples.append(t.Example(key, sentence, int(category == "plot")))
+                examples.append(Example(key, sentence, int(category == "plot")))
                 film[key] = movie
     train_pool, test_pool = _group_split(_unique(examples), film)
-    return t.Task(config.task, _template(config, SUBJ_TEMPLATE), _candidates(config, SUBJ_CLASSES, SUBJ_WORDS),
+    return Task(config.task, _template(config, SUBJ_TEMPLATE), _candidates(config, SUBJ_CLASSES, SUBJ_WORDS),
                   _balanced(train_pool, 2), _balanced(test_pool, 2))
 
 
@@ -207,7 +199,6 @@ def build_rt_movie_qa(config):
     names (actors, directors, other films) the model must copy the reviewed film's title
     exactly; score with exact match / token F1. Train and test hold different films, so
     titles cannot be memorised. No candidates; the answer follows the template after a space."""
-    t = _tasks()
     if config.candidates:
         raise UserError(f"task {config.task} is a generation task (answers, not candidate words): drop --candidates")
     examples, film, patterns = [], {}, {}
@@ -220,10 +211,10 @@ def build_rt_movie_qa(config):
                      None)
         if title is None or len(title.split()) > QA_MAX_ANSWER_WORDS:
             continue
-        examples.append(t.Example(str(number), text, -1, answers=(title,)))
+        examples.append(Example(str(number), text, -1, answers=(title,)))
         film[str(number)] = movie
     train_pool, test_pool = _group_split(_unique(examples), film)
-    return t.Task(config.task, _template(config, QA_TEMPLATE), [], train_pool, test_pool, format="generation")
+    return Task(config.task, _template(config, QA_TEMPLATE), [], train_pool, test_pool, format="generation")
 
 
 # --- tweet-3 ---------------------------------------------------------------------------
@@ -243,7 +234,6 @@ def build_tweet_3(config):
     "http", mojibake dropped); a text that repeats is kept once, and dropped if its copies
     disagree on the label; tweets with fewer than 3 words are dropped. The classes keep
     their natural shares (about 42/40/18%). Test pool: a fixed 20% slice."""
-    t = _tasks()
     labels, order = {}, []
     with open(assets.tweets_file(), encoding="latin-1", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -258,14 +248,14 @@ def build_tweet_3(config):
                 labels[text] = set()
                 order.append((number, text))
             labels[text].add(TWEET_CLASSES.index(sentiment))
-    examples = [t.Example(str(number), text, next(iter(labels[text])))
+    examples = [Example(str(number), text, next(iter(labels[text])))
                 for number, text in order if len(labels[text]) == 1]
-    train_pool, test_pool = t._fixed_split(examples)
-    return t.Task(config.task, _template(config, TWEET_TEMPLATE), _candidates(config, TWEET_CLASSES, TWEET_WORDS),
+    train_pool, test_pool = fixed_split(examples)
+    return Task(config.task, _template(config, TWEET_TEMPLATE), _candidates(config, TWEET_CLASSES, TWEET_WORDS),
                   train_pool, test_pool)
 
 
-# task name -> builder(config) -> zotune.tasks.Task
+# task name -> builder(config) -> zotune.tasks.examples.Task
 BUILDERS: dict = {
     "rt-sst5": build_rt_sst5,
     "rt-subj": build_rt_subj,

@@ -20,12 +20,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from zotune import checkpoint_modes, methods, models, report, tasks
-from zotune.checkpoint import find_checkpoint, write_checkpoint
-from zotune.config import TrainConfig, from_mapping, load_run
+from zotune import methods
+from zotune.recipe import checkpoint_modes
+from zotune.assets import models
+from zotune.recipe import report
+from zotune import tasks
+from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
+from zotune.recipe.config import TrainConfig, from_mapping, load_run
 from zotune.engine import distributed
 from zotune.errors import UserError
-from zotune.scoring import Scorer, evaluate, loss_function, metric_of
+from zotune.tasks.scoring import Scorer, evaluate, loss_function, metric_of
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
              "model", "adapter", "first_order.safetensors",
@@ -103,15 +107,14 @@ class Run:
         self.split = tasks.sample(self.task, config.n_train, config.n_dev, config.n_test, config.seed)
         # An offloaded model stays in host memory: the method moves what stays resident to the device. Processes
         # that share a GPU talk through gloo and compute on the CPU (FSDP2 cannot shard CUDA tensors over gloo).
-        offload = getattr(config.options, "offload", "none") != "none"
-        device = "cpu" if offload else (parallel.device.type if parallel is not None else None)
+        device = "cpu" if config.options.streams_blocks else (parallel.device.type if parallel is not None else None)
         model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind, device=device)
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model
         self.method.distribute(parallel)
         # A sharded model's forwards are collectives: every rank scores every example, in step.
-        self.eval_parallel = None if getattr(config.options, "shard", False) else parallel
+        self.eval_parallel = None if config.options.shards_weights else parallel
         self.checkpoints = checkpoint_modes.make(config.checkpoint, self.method, self.progress,
                                                  config.snapshot_every)
         self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length,

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from zotune import methods
-from zotune.errors import UserError, unknown
+from zotune.errors import UserError, reason, unknown
 from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag
 
 
@@ -81,7 +81,7 @@ class TrainConfig:
     options: Any = field(default=None, metadata={})
 
     def __post_init__(self):
-        from zotune.tasks import TASKS
+        from zotune.tasks.catalogue import TASKS
 
         if self.task not in TASKS:
             raise UserError(unknown("task", self.task, TASKS))
@@ -97,7 +97,7 @@ class TrainConfig:
         if self.objective != "loss" and not entry.method.gradient_free:
             raise UserError(f"--objective {self.objective} has no gradient: it needs a zeroth-order method that uses "
                             f"no gradients (mezo), not {self.method}")
-        if getattr(self.options, "shard", False) and (self.checkpoint != "trajectory" or self.snapshot_every
+        if self.options.shards_weights and (self.checkpoint != "trajectory" or self.snapshot_every
                                                         or self.objective == "f1"):
             raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
                             "--snapshot-every), and an objective other than f1 (greedy decoding is not sharded)")
@@ -199,7 +199,7 @@ def load_yaml(path: str) -> dict:
     try:
         values = yaml.safe_load(file.read_text()) or {}
     except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not UTF-8 text
-        raise UserError(f"config file {path} is not readable YAML ({str(error).splitlines()[0]}): correct it or "
+        raise UserError(f"config file {path} is not readable YAML ({reason(error)}): correct it or "
                         "restore it from a copy") from None
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
         raise UserError(f"config file {path} must be a mapping of option: value; correct it or restore it from a copy")

@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import tempfile
 
+from zotune.assets.cache import cache_dir, check_free, disk_errors, file_sha256, say
 from zotune.errors import UserError, reason
 
 MARKER = "source.json"  # written last: a folder without it is an interrupted conversion
@@ -52,8 +53,6 @@ def save_folder(gguf: pathlib.Path, out: pathlib.Path, record: dict, progress: b
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-
-    from zotune.assets import check_free
 
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
@@ -93,8 +92,6 @@ def install(out: pathlib.Path, final: pathlib.Path) -> pathlib.Path:
 
 def gguf_model_dir(path: str | os.PathLike, progress: bool = True) -> pathlib.Path:
     """The cached Hugging Face folder of the GGUF file ``path``, converted on first use."""
-    from zotune.assets import cache_dir, disk_errors, file_sha256, say
-
     gguf = pathlib.Path(path).expanduser().resolve()
     check_file(gguf)
     sha256 = file_sha256(gguf)

@@ -1,11 +1,8 @@
-"""Prompted tasks (MeZO protocol): loader + template + candidates + metric.
-
-A task turns labelled examples into prompts in one of three formats: classification
-(the model scores each candidate word and predicts the best), multiple choice (each
-example has its own continuations) and generation (greedy answers, token F1). Built in:
+"""The task catalogue: ``--task`` names a loader, and the loader a template, candidates and
+a metric. Built in:
 ``rt-sst2`` (Rotten Tomatoes sentences, offline), the offline built-ins of
-:mod:`zotune.tasks_offline`, ``sst2`` (GLUE) and the MeZO paper's tasks of
-:mod:`zotune.tasks_hub` (through ``datasets``, need the hub), and ``csv`` / ``jsonl``
+:mod:`zotune.tasks.offline`, ``sst2`` (GLUE) and the MeZO paper's tasks of
+:mod:`zotune.tasks.hub` (through ``datasets``, need the hub), and ``csv`` / ``jsonl``
 (a user's own file).
 """
 
@@ -13,129 +10,23 @@ from __future__ import annotations
 
 import csv
 import json
-import random
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-from zotune.errors import UserError, unknown
+from zotune.errors import UserError, reason, unknown
+from zotune.tasks import hub, offline
+from zotune.tasks.examples import Example, Task, fixed_split, parse_candidates
 
 TASKS = ("rt-sst2", "sst2", "csv", "jsonl")
 SST2_TEMPLATE = "{text} It was"
 SST2_CANDIDATES = {"0": "terrible", "1": "great"}
-# The test pool of a single-file task is a fixed slice (not drawn with the run seed),
-# so that runs with different seeds are evaluated on the same sentences.
-TEST_POOL_FRACTION = 0.2
-TEST_POOL_SEED = 1234
-
-
-FORMATS = ("classification", "multiple_choice", "generation")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One labelled example. ``text`` fills the task's template ({text}); loaders of
-    multi-field datasets format their fields into it.
-
-    * classification: ``label`` indexes the task's candidates;
-    * multiple choice: ``candidates`` are this example's own continuations and ``label``
-      indexes them (the training target); ``also_right`` indexes other candidates that count
-      as right when scoring (ReCoRD names one gold entity in several ways);
-    * generation: ``answers`` are the gold answers (the first is the training target) and
-      ``label`` is -1.
-    """
-
-    id: str
-    text: str
-    label: int
-    candidates: tuple[str, ...] | None = None
-    answers: tuple[str, ...] = ()
-    also_right: tuple[int, ...] = ()
-
-    def is_right(self, choice: int) -> bool:
-        return choice == self.label or choice in self.also_right
-
-
-@dataclass
-class Task:
-    name: str
-    template: str  # str.format template over {text}; the candidate (or answer) follows it after the separator
-    candidates: list[str]  # verbaliser words, one per class (empty for multiple choice and generation)
-    train_pool: list[Example]
-    test_pool: list[Example]
-    format: str = "classification"  # one of FORMATS
-    prefix: str = ""  # in-context demonstrations put before every prompt
-    separator: str = " "  # between a prompt and its continuation ("" after a prompt that ends in a newline)
-
-    def prompt(self, example: Example) -> str:
-        return self.prefix + self.template.format(text=example.text)
-
-    def gold(self, example: Example) -> str:
-        """The right continuation of ``example``: its candidate, or its first answer."""
-        return example.answers[0] if self.format == "generation" else self.choices(example)[example.label]
-
-    def with_demonstrations(self, demonstrations: list[Example]) -> Task:
-        """The task with ``demonstrations`` (prompt and right continuation each) before every
-        prompt: in-context learning. A prompt too long for the model loses its oldest
-        demonstrations first, since the scorer keeps the end of a prompt."""
-        shown = "".join(f"{self.prompt(e)}{self.separator}{self.gold(e)}\n\n" for e in demonstrations)
-        return dataclasses.replace(self, prefix=self.prefix + shown)
-
-    def choices(self, example: Example) -> list[str]:
-        """The continuations scored for ``example``."""
-        return list(example.candidates) if example.candidates is not None else self.candidates
-
-
-@dataclass
-class Split:
-    train: list[Example]
-    dev: list[Example]
-    test: list[Example]
-
-    def ids(self) -> dict:
-        return {name: [e.id for e in getattr(self, name)] for name in ("train", "dev", "test")}
-
-
-def sample(task: Task, n_train: int, n_dev: int, n_test: int, seed: int) -> Split:
-    """N train + M dev drawn with ``seed`` from the train pool; test from the disjoint test pool."""
-    if n_train < 1:
-        raise UserError(f"--n-train must be at least 1, got {n_train}")
-    pool = list(task.train_pool)
-    random.Random(seed).shuffle(pool)
-    if n_train + n_dev > len(pool):
-        raise UserError(
-            f"task {task.name} has {len(pool)} training examples, fewer than "
-            f"--n-train {n_train} + --n-dev {n_dev}: lower them"
-        )
-    test = list(task.test_pool)
-    if n_test > 0 and not test:
-        raise UserError(f"task {task.name} has no test examples: give a test file (--test-data) or --n-test 0")
-    random.Random(seed).shuffle(test)
-    return Split(pool[:n_train], pool[n_train:n_train + n_dev], test[:n_test])
-
-
-def parse_candidates(spec) -> dict[str, str]:
-    """``"neg=terrible,pos=great"`` or a mapping → {label value: verbaliser word}."""
-    if isinstance(spec, dict):
-        mapping = {str(k): str(v) for k, v in spec.items()}
-    else:
-        pairs = [item.split("=", 1) for item in str(spec).split(",") if item.strip()]
-        if any(len(pair) != 2 for pair in pairs):
-            raise UserError(f"--candidates {spec!r}: write label=word pairs, e.g. 'neg=terrible,pos=great'")
-        mapping = {k.strip(): v.strip() for k, v in pairs}
-    if len(mapping) < 2 or not all(mapping.values()):
-        raise UserError(f"--candidates {spec!r}: give at least two label=word pairs with non-empty words")
-    return mapping
-
-
 def build_task(config) -> Task:
-    """The task named by ``config.task`` (a :class:`zotune.config.TrainConfig`)."""
+    """The task named by ``config.task`` (a :class:`zotune.recipe.config.TrainConfig`)."""
     name = config.task
     if name in BUILDERS:
         return BUILDERS[name](config)
     if name == "rt-sst2":
         examples = _rt_sst2_examples()
-        train_pool, test_pool = _fixed_split(examples)
+        train_pool, test_pool = fixed_split(examples)
         return Task(name, config.template or SST2_TEMPLATE, _words(SST2_CANDIDATES, config), train_pool, test_pool)
     if name == "sst2":
         train_pool, test_pool = _glue_sst2()
@@ -156,7 +47,7 @@ def build_task(config) -> Task:
         if config.test_data:
             train_pool, test_pool = examples, _read_file(Path(config.test_data), name, config, mapping)
         else:
-            train_pool, test_pool = _fixed_split(examples)
+            train_pool, test_pool = fixed_split(examples)
         return Task(name, config.template, list(mapping.values()), train_pool, test_pool)
     raise UserError(unknown("task", name, TASKS))
 
@@ -196,7 +87,7 @@ def _own_continuations(config) -> Task | None:
         if not examples:
             raise UserError(f"data file {path} holds no examples")
         pools.append(examples)
-    train_pool, test_pool = (pools[0], pools[1]) if len(pools) == 2 else _fixed_split(pools[0])
+    train_pool, test_pool = (pools[0], pools[1]) if len(pools) == 2 else fixed_split(pools[0])
     template = config.template or ("{text}\nAnswer:" if kind == "generation" else "{text}")
     if "{text}" not in template:
         raise UserError(f"--template {template!r} must contain {{text}}")
@@ -221,15 +112,8 @@ def _words(default: dict, config) -> list[str]:
     return list(mapping.values())
 
 
-def _fixed_split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
-    order = list(examples)
-    random.Random(TEST_POOL_SEED).shuffle(order)
-    n_test = max(1, int(len(order) * TEST_POOL_FRACTION))
-    return order[n_test:], order[:n_test]
-
-
 def _rt_sst2_examples() -> list[Example]:
-    from zotune.assets import rt_sentences_file
+    from zotune.assets.packages import rt_sentences_file
 
     examples = []
     with open(rt_sentences_file(), encoding="utf-8", newline="") as handle:
@@ -253,7 +137,7 @@ def _glue_sst2() -> tuple[list[Example], list[Example]]:
     try:
         data = datasets.load_dataset("glue", "sst2")
     except Exception as error:  # the hub raises many types; the user needs the first line
-        raise UserError(f"could not load GLUE SST-2 from the hub ({str(error).splitlines()[0]}); "
+        raise UserError(f"could not load GLUE SST-2 from the hub ({reason(error)}); "
                         "offline, use --task rt-sst2") from None
 
     def convert(split):
@@ -307,8 +191,5 @@ def _jsonl_rows(path: Path):
             yield line_number, row
 
 
-# The loaders of the paper's tasks and of the offline built-ins build on the classes above.
-from zotune import tasks_hub, tasks_offline  # noqa: E402
-
-BUILDERS = {**tasks_offline.BUILDERS, **tasks_hub.BUILDERS}
+BUILDERS = {**offline.BUILDERS, **hub.BUILDERS}
 TASKS = TASKS + tuple(name for name in BUILDERS if name not in TASKS)

@@ -1,0 +1,1 @@
+"""zotune inside other libraries' loops: the Hugging Face Trainer."""

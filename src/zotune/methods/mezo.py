@@ -18,9 +18,8 @@ from zotune.engine import sharding
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.engine.offload import Offload
-from zotune.methods.adapters import PeftOptions, add_adapters, by_mode
-from zotune.methods.registry import (Method, MethodConfig, check_positive, option, save_model,
-                                     settings_errors)
+from zotune.methods.adapters import PeftOptions, add_adapters, by_mode, save_result
+from zotune.methods.registry import Method, MethodConfig, check_positive, option, settings_errors
 
 DIRECTIONS = ("gaussian", "rademacher", "lowrank")
 ESTIMATORS = ("spsa", "one-sided", "fzoo")
@@ -194,10 +193,8 @@ class MeZOMethod(Method):
         self.optimizer.trajectory.save(folder / "trajectory.json")
         if self._sharded_export is not None:
             sharding.save_gathered(folder / "model", model, self._sharded_export, tokenizer)
-        elif self.config.peft == "none":
-            save_model(folder / "model", model, tokenizer)
         else:
-            model.save_pretrained(folder / "adapter")
+            save_result(folder, model, tokenizer, self.config)
 
     @classmethod
     def replay(cls, model, config: MeZOConfig, trajectory):

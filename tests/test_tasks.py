@@ -105,9 +105,10 @@ def test_sst2_without_the_hub_says_what_to_do(monkeypatch):
 @pytest.mark.parametrize("spec", ["pos=great,neg=terrible", "1=great,0=terrible", "negative=terrible,positive=great",
                                   "terrible=terrible,great=great"])
 def test_sentiment_candidates_keep_their_classes_whatever_the_order(spec):
-    from zotune.tasks.catalogue import _words
+    from zotune.tasks.catalogue import SST2_ALIASES, SST2_CLASSES
+    from zotune.tasks.examples import class_words
 
     class Given:
         candidates, task = spec, "rt-sst2"
 
-    assert _words({"0": "bad", "1": "good"}, Given) == ["terrible", "great"]
+    assert class_words(Given, SST2_CLASSES, ("bad", "good"), SST2_ALIASES) == ["terrible", "great"]

@@ -14,23 +14,21 @@ from pathlib import Path
 
 from zotune.errors import UserError, reason, unknown
 from zotune.tasks import hub, offline
-from zotune.tasks.examples import Example, Task, fixed_split, parse_candidates
+from zotune.tasks.examples import Example, Task, class_words, fixed_split, parse_candidates, prompt_template
 
 TASKS = ("rt-sst2", "sst2", "csv", "jsonl")
 SST2_TEMPLATE = "{text} It was"
-SST2_CANDIDATES = {"0": "terrible", "1": "great"}
+SST2_CLASSES, SST2_WORDS = ("negative", "positive"), ("terrible", "great")
+SST2_ALIASES = (("neg", "pos"),)  # how else a user may name the two classes in --candidates
 def build_task(config) -> Task:
     """The task named by ``config.task`` (a :class:`zotune.recipe.config.TrainConfig`)."""
     name = config.task
     if name in BUILDERS:
         return BUILDERS[name](config)
-    if name == "rt-sst2":
-        examples = _rt_sst2_examples()
-        train_pool, test_pool = fixed_split(examples)
-        return Task(name, config.template or SST2_TEMPLATE, _words(SST2_CANDIDATES, config), train_pool, test_pool)
-    if name == "sst2":
-        train_pool, test_pool = _glue_sst2()
-        return Task(name, config.template or SST2_TEMPLATE, _words(SST2_CANDIDATES, config), train_pool, test_pool)
+    if name in ("rt-sst2", "sst2"):
+        train_pool, test_pool = fixed_split(_rt_sst2_examples()) if name == "rt-sst2" else _glue_sst2()
+        words = class_words(config, SST2_CLASSES, SST2_WORDS, SST2_ALIASES)
+        return Task(name, prompt_template(config, SST2_TEMPLATE), words, train_pool, test_pool)
     if name in ("csv", "jsonl"):
         if not config.data:
             raise UserError(f"task {name} needs --data FILE (and --template, --candidates)")
@@ -40,8 +38,7 @@ def build_task(config) -> Task:
                 return own
         if not config.template or not config.candidates:
             raise UserError(f"task {name} needs --template (with {{text}}) and --candidates label=word,...")
-        if "{text}" not in config.template:
-            raise UserError(f"--template {config.template!r} must contain {{text}}")
+        prompt_template(config, "")
         mapping = parse_candidates(config.candidates)
         examples = _read_file(Path(config.data), name, config, mapping)
         if config.test_data:
@@ -88,28 +85,8 @@ def _own_continuations(config) -> Task | None:
             raise UserError(f"data file {path} holds no examples")
         pools.append(examples)
     train_pool, test_pool = (pools[0], pools[1]) if len(pools) == 2 else fixed_split(pools[0])
-    template = config.template or ("{text}\nAnswer:" if kind == "generation" else "{text}")
-    if "{text}" not in template:
-        raise UserError(f"--template {template!r} must contain {{text}}")
-    return Task("jsonl", template, [], train_pool, test_pool, kind)
-
-
-# How a user may name the two sentiment classes in --candidates (negative first).
-SST2_LABELS = (("0", "1"), ("neg", "pos"), ("negative", "positive"))
-
-
-def _words(default: dict, config) -> list[str]:
-    """The words of the negative and positive class: ``--candidates`` keyed 0/1, neg/pos or
-    negative/positive (in any order), or else taken in the order given."""
-    if not config.candidates:
-        return list(default.values())
-    mapping = parse_candidates(config.candidates)
-    if len(mapping) != 2:
-        raise UserError(f"task {config.task} has 2 classes: --candidates needs 2 label=word pairs, got {len(mapping)}")
-    for keys in SST2_LABELS:
-        if set(mapping) == set(keys):
-            return [mapping[key] for key in keys]
-    return list(mapping.values())
+    default = "{text}\nAnswer:" if kind == "generation" else "{text}"
+    return Task("jsonl", prompt_template(config, default), [], train_pool, test_pool, kind)
 
 
 def _rt_sst2_examples() -> list[Example]:

@@ -125,3 +125,27 @@ def fixed_split(examples: list[Example]) -> tuple[list[Example], list[Example]]:
     random.Random(TEST_POOL_SEED).shuffle(order)
     n_test = max(1, int(len(order) * TEST_POOL_FRACTION))
     return order[n_test:], order[:n_test]
+
+
+def prompt_template(config, default: str) -> str:
+    """``--template``, or the task's ``default``: it must hold ``{text}``, or every prompt would be one string."""
+    chosen = config.template or default
+    if "{text}" not in chosen:
+        raise UserError(f"--template {chosen!r} must contain {{text}} (task {config.task}'s text goes there)")
+    return chosen
+
+
+def class_words(config, classes, default, aliases=()) -> list[str]:
+    """The verbaliser words in class order: ``default``, or ``--candidates`` keyed by the class
+    names (``classes``, or one of the key sets in ``aliases``) or by index, in any order, or
+    else taken in the order given."""
+    if not config.candidates:
+        return list(default)
+    mapping = parse_candidates(config.candidates)
+    if len(mapping) != len(classes):
+        raise UserError(f"task {config.task} has {len(classes)} classes ({', '.join(classes)}): "
+                        f"--candidates needs {len(classes)} label=word pairs, got {len(mapping)}")
+    for keys in (tuple(classes), tuple(str(i) for i in range(len(classes))), *aliases):
+        if set(mapping) == set(keys):
+            return [mapping[key] for key in keys]
+    return list(mapping.values())

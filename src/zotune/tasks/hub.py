@@ -17,7 +17,7 @@ test ids never collide.
 from __future__ import annotations
 
 from zotune.errors import UserError, reason
-from zotune.tasks.examples import Example, Task, parse_candidates
+from zotune.tasks.examples import Example, Task, class_words, prompt_template
 
 # task -> (hub dataset id, config name). Parquet repositories: the script-based "super_glue",
 # "squad" and "drop" no longer load with datasets>=4 (scripts are no longer supported).
@@ -84,16 +84,6 @@ CLASSIFICATION = {
 }
 
 
-def _classification_words(name: str, default: list[str], config) -> list[str]:
-    if not config.candidates:
-        return list(default)
-    words = list(parse_candidates(config.candidates).values())
-    if len(words) != len(default):  # the label indexes the words: a different count mislabels silently
-        raise UserError(f"task {name} has {len(default)} classes ({', '.join(default)}): give --candidates "
-                        f"{len(default)} label=word pairs in that order, got {len(words)}")
-    return words
-
-
 # -- multiple choice: row -> (prompt text, continuations, label index) or None -------------------
 
 def _copa(row):
@@ -145,25 +135,18 @@ def _examples(task: str, split: str, rows, convert):
     return examples
 
 
-def _template(name: str, default: str, config) -> str:
-    template = config.template or default
-    if "{text}" not in template:  # without it every prompt would be the same string
-        raise UserError(f"--template {template!r} must contain {{text}} (task {name}'s prompt goes there)")
-    return template
-
-
 def build(name: str, config):
     """The Task ``name`` (one of HUB_DATASETS) with the paper's template and candidates."""
     if name in CLASSIFICATION:
         default, render = CLASSIFICATION[name]
-        words = _classification_words(name, default, config)
+        words = class_words(config, default, default)
 
         def convert(row):
             text, label = render(row)
             # -1 marks an unlabelled row (the hub's test splits): nothing to learn or score.
             return {"text": text, "label": int(label)} if 0 <= label < len(words) else None
 
-        template, candidates, kind = _template(name, "{text}", config), words, "classification"
+        template, candidates, kind = prompt_template(config, "{text}"), words, "classification"
     else:
         if config.candidates:  # each example carries its own continuations or answers
             raise UserError(f"task {name} brings its own answers per example: drop --candidates")
@@ -178,7 +161,7 @@ def build(name: str, config):
                 return {"text": text, "candidates": candidates, "label": int(label),
                         "also_right": also_right[0] if also_right else ()}
 
-            template, kind = _template(name, "{text}", config), "multiple_choice"
+            template, kind = prompt_template(config, "{text}"), "multiple_choice"
         else:
             make = GENERATION[name]
 
@@ -188,7 +171,7 @@ def build(name: str, config):
                 # Without a gold answer there is nothing to train on or to score F1 against.
                 return {"text": text, "label": -1, "answers": answers} if answers else None
 
-            template, kind = _template(name, GENERATION_TEMPLATE, config), "generation"
+            template, kind = prompt_template(config, GENERATION_TEMPLATE), "generation"
         candidates = []
     train_rows, validation_rows = load_splits(name)
     # MeZO's classification prompts end in a newline and the word follows it directly.

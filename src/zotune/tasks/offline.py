@@ -22,7 +22,8 @@ import re
 
 from zotune.assets import packages as assets
 from zotune.errors import UserError
-from zotune.tasks.examples import TEST_POOL_FRACTION, TEST_POOL_SEED, Example, Task, fixed_split, parse_candidates
+from zotune.tasks.examples import (TEST_POOL_FRACTION, TEST_POOL_SEED, Example, Task, class_words, fixed_split,
+                                   prompt_template)
 
 # rt-sst5: SST-5's bins of [0, 1] ([0, .2], (.2, .4], ..., (.8, 1]) mapped onto the mean rating in [-4, 4].
 SST5_EDGES = (-2.4, -0.8, 0.8, 2.4)
@@ -57,28 +58,6 @@ _MOJIBAKE = re.compile(r"_?[^\x00-\x7f]+(?:_[^\x00-\x7f]+)*_?")
 # The three forms that the file's apostrophes took, between letters ("won\x8a\x97\xc8t").
 _APOSTROPHES = ("\u00d5\u00a2_\x8a\u00ce_\x86\u00a2", "\u00e4\u00f3\u00bb", "\x8a\x97\u00c8")
 _APOSTROPHE = re.compile("(?<=[A-Za-z])(?:" + "|".join(map(re.escape, _APOSTROPHES)) + ")(?=[a-z])")
-
-
-def _template(config, default: str) -> str:
-    template = config.template or default
-    if "{text}" not in template:
-        raise UserError(f"--template {template!r} must contain {{text}}")
-    return template
-
-
-def _candidates(config, classes: tuple[str, ...], default: tuple[str, ...]) -> list[str]:
-    """The verbaliser words in class order: the defaults, or ``--candidates`` keyed by class
-    name or index, or else taken in the order given."""
-    if not config.candidates:
-        return list(default)
-    mapping = parse_candidates(config.candidates)
-    if len(mapping) != len(classes):
-        raise UserError(f"task {config.task} has {len(classes)} classes ({', '.join(classes)}): "
-                        f"--candidates needs {len(classes)} label=word pairs, got {len(mapping)}")
-    for keys in (classes, tuple(str(i) for i in range(len(classes)))):
-        if set(mapping) == set(keys):
-            return [mapping[key] for key in keys]
-    return list(mapping.values())
 
 
 def _group_split(examples: list, group: dict) -> tuple[list, list]:
@@ -136,7 +115,7 @@ def build_rt_sst5(config):
                 continue
             examples.append(Example(fields[0], fields[2].strip(), sst5_label(float(fields[1]))))
     train_pool, test_pool = fixed_split(_unique(examples))
-    return Task(config.task, _template(config, SST5_TEMPLATE), _candidates(config, SST5_CLASSES, SST5_WORDS),
+    return Task(config.task, prompt_template(config, SST5_TEMPLATE), class_words(config, SST5_CLASSES, SST5_WORDS),
                   train_pool, test_pool)
 
 
@@ -178,7 +157,7 @@ def build_rt_subj(config):
                 examples.append(Example(key, sentence, int(category == "plot")))
                 film[key] = movie
     train_pool, test_pool = _group_split(_unique(examples), film)
-    return Task(config.task, _template(config, SUBJ_TEMPLATE), _candidates(config, SUBJ_CLASSES, SUBJ_WORDS),
+    return Task(config.task, prompt_template(config, SUBJ_TEMPLATE), class_words(config, SUBJ_CLASSES, SUBJ_WORDS),
                   _balanced(train_pool, 2), _balanced(test_pool, 2))
 
 
@@ -214,7 +193,7 @@ def build_rt_movie_qa(config):
         examples.append(Example(str(number), text, -1, answers=(title,)))
         film[str(number)] = movie
     train_pool, test_pool = _group_split(_unique(examples), film)
-    return Task(config.task, _template(config, QA_TEMPLATE), [], train_pool, test_pool, format="generation")
+    return Task(config.task, prompt_template(config, QA_TEMPLATE), [], train_pool, test_pool, format="generation")
 
 
 # --- tweet-3 ---------------------------------------------------------------------------
@@ -251,7 +230,7 @@ def build_tweet_3(config):
     examples = [Example(str(number), text, next(iter(labels[text])))
                 for number, text in order if len(labels[text]) == 1]
     train_pool, test_pool = fixed_split(examples)
-    return Task(config.task, _template(config, TWEET_TEMPLATE), _candidates(config, TWEET_CLASSES, TWEET_WORDS),
+    return Task(config.task, prompt_template(config, TWEET_TEMPLATE), class_words(config, TWEET_CLASSES, TWEET_WORDS),
                   train_pool, test_pool)
 
 

@@ -289,6 +289,7 @@ class HZOMethod(Method):
     trajectory (an adapter from its seeded initial value) and restores the deep part from that file.
     """
 
+    bench_variants = {"hzo-offload": {"offload": "cpu"}, "hzo-k3": {"deep_blocks": 3}}
     replays = "model (shallow part from the trajectory, deep part from first_order.safetensors; with --peft: " \
               "the adapter)"
 

@@ -148,6 +148,8 @@ class MeZOMethod(Method):
 
     replays = "model (with --peft: the adapter)"
     gradient_free = True
+    bench_variants = {"mezo-rademacher": {"direction": "rademacher"}, "mezo-lowrank": {"direction": "lowrank"},
+                      "mezo-offload": {"offload": "cpu"}}
 
     def __init__(self, model, config: MeZOConfig, seed: int = 0, steps: int = 1):
         super().__init__(add_adapters(model, config, seed), config, seed, steps)

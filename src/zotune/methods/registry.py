@@ -109,6 +109,8 @@ class Method:
     zeroth_order = None
     #: True when :meth:`step` never differentiates the loss (non-differentiable objectives allowed)
     gradient_free = False
+    #: rows ``zotune bench`` offers besides the method's own: row name -> config overrides
+    bench_variants: dict[str, dict] = {}
     #: the :class:`zotune.engine.distributed.Parallel` of a multi-process run (see :meth:`distribute`)
     parallel = None
 

@@ -20,14 +20,12 @@ from zotune.assets.models import DTYPES
 
 # Bench-only rows besides the registered methods: a baseline and the research code's MeZO step.
 FORWARD, REFERENCE = "forward", "mezo-reference"
-# Variants of registered methods: (method, config overrides).
-VARIANTS = {"mezo-rademacher": ("mezo", {"direction": "rademacher"}),
-            "mezo-lowrank": ("mezo", {"direction": "lowrank"}),
-            "mezo-offload": ("mezo", {"offload": "cpu"}),
-            "hzo-offload": ("hzo", {"offload": "cpu"}),
-            "hzo-k3": ("hzo", {"deep_blocks": 3})}
+# Variants of registered methods, as each declares them: row name -> (method, config overrides).
+VARIANTS = {variant: (name, overrides) for name in registry.names()
+            for variant, overrides in registry.get(name).method.bench_variants.items()}
 # Rows that stream the blocks from host memory.
-OFFLOADED = {name for name, (_, overrides) in VARIANTS.items() if overrides.get("offload", "none") != "none"}
+OFFLOADED = {name for name, (method, overrides) in VARIANTS.items()
+             if registry.get(method).config(**overrides).streams_blocks}
 # ft last: it may run out of memory.
 DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "hzo", "lora-ft", "ft")
 OUT_OF_MEMORY = "out of memory"

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zotune.core.directions import LowRank
-from zotune.core.optim import MeZO, decay_groups, replay
-from zotune.engine.distributed import average_gradients
 from zotune.core.mixed_precision import adamw
+from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory
+from zotune.engine.distributed import average_gradients
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.methods.adapters import PeftOptions, add_adapters, adapter_parameters, by_mode, save_result
@@ -142,8 +142,8 @@ class HZO(Hybrid):
             param.requires_grad_(True)
         direction = direction or LowRank(rank=rank, interval=interval, orthonormal=orthonormal)
         self.zo = MeZO(decay_groups(shallow, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
-                              estimator=estimator, direction=direction, seed=seed,
-                              stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
+                       estimator=estimator, direction=direction, seed=seed,
+                       stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
         self.fo = adamw(decay_groups(deep, weight_decay), lr=lr_fo) if deep else None
         self.fo_steps = 0
         self.last_fo_loss: float | None = None

@@ -69,8 +69,8 @@ class LMAO(Hybrid):
         for p in self.base:  # decay_groups keeps trainable parameters; ZO phases switch them on in turn
             p.requires_grad_(True)
         self.zo = MeZO(decay_groups(base, weight_decay), lr=lr_base, eps=eps, n_samples=n_samples,
-                              seed=seed, direction=direction, estimator=estimator,
-                              stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
+                       seed=seed, direction=direction, estimator=estimator,
+                       stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
         self._train_only(self.adapters)
 
     def _train_only(self, trainable):

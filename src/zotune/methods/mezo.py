@@ -160,7 +160,7 @@ class MeZOMethod(Method):
     def _build_optimizer(self) -> None:
         with settings_errors():
             self.optimizer = MeZO(decay_groups(self.model.named_parameters(), self.config.weight_decay),
-                                         lr=self.config.lr, seed=self.seed, **zo_options(self.config))
+                                  lr=self.config.lr, seed=self.seed, **zo_options(self.config))
         self.zeroth_order = self.optimizer
 
     def distribute(self, parallel) -> None:

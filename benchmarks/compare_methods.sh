@@ -9,9 +9,9 @@ common=(--model smollm2 --task rt-sst2 --steps "$steps" --batch-size 8 --n-train
         --n-test "$n_test" --no-progress --overwrite)
 zotune=${ZOTUNE:-.venv/bin/zotune}
 read -r -a zo <<< "${ZO:-}"
-$zotune train "${common[@]}" --method lora-ft --lr 5e-4 --output "$out/lora-ft"
-$zotune train "${common[@]}" --method lmao --lr 5e-4 --lr-base 1e-6 --eps 1e-3 --no-zero-shot "${zo[@]}" --output "$out/lmao"
-$zotune train "${common[@]}" --method mezo --lr 1e-6 --eps 1e-3 --no-zero-shot "${zo[@]}" --output "$out/mezo"
+$zotune train "${common[@]}" --method lora-ft --lr-fo 5e-4 --output "$out/lora-ft"
+$zotune train "${common[@]}" --method lmao --lr-fo 5e-4 --lr-zo 1e-6 --eps 1e-3 --no-zero-shot "${zo[@]}" --output "$out/lmao"
+$zotune train "${common[@]}" --method mezo --lr-zo 1e-6 --eps 1e-3 --no-zero-shot "${zo[@]}" --output "$out/mezo"
 python3 - "$out" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])

@@ -5,7 +5,7 @@
 set -e
 STEPS=${1:-10}
 COMMON="--model smollm2 --task rt-sst2 --method mezo --steps $STEPS --batch-size 16 --n-train 1000 --n-dev 0
-  --n-test 32 --no-zero-shot --max-length 64 --lr 1e-6 --no-progress --overwrite --checkpoint trajectory"
+  --n-test 32 --no-zero-shot --max-length 64 --lr-zo 1e-6 --no-progress --overwrite --checkpoint trajectory"
 TWO=".venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 -m zotune"
 .venv/bin/zotune train $COMMON --output runs/dist-1
 $TWO train $COMMON --output runs/dist-2-data

@@ -21,10 +21,10 @@ PY
 }
 echo "| run | test accuracy | s/step (median) | peak RSS (MB) |"
 echo "|---|---|---|---|"
-run lora-ft --method lora-ft --lr 5e-4
-run hzo-k1 --method hzo --lr 3e-4 --no-zero-shot
-run hzo-k3 --method hzo --lr 1e-3 --deep-blocks 3 --no-zero-shot
-run hzo-k4 --method hzo --lr 1e-3 --deep-blocks 4 --no-zero-shot
-run hzo-paper --method hzo --lr 1e-3 --deep-blocks 3 --order zo-first --estimator spsa --no-stacked --no-zero-shot
-run mezo --method mezo --lr 1e-6 --eps 1e-3 --no-zero-shot
-run lmao --method lmao --lr 5e-4 --lr-base 1e-6 --eps 1e-3 --no-zero-shot
+run lora-ft --method lora-ft --lr-fo 5e-4
+run hzo-k1 --method hzo --lr-fo 3e-4 --no-zero-shot
+run hzo-k3 --method hzo --lr-fo 1e-3 --deep-blocks 3 --no-zero-shot
+run hzo-k4 --method hzo --lr-fo 1e-3 --deep-blocks 4 --no-zero-shot
+run hzo-paper --method hzo --lr-fo 1e-3 --deep-blocks 3 --order zo-first --estimator spsa --no-stacked --no-zero-shot
+run mezo --method mezo --lr-zo 1e-6 --eps 1e-3 --no-zero-shot
+run lmao --method lmao --lr-fo 5e-4 --lr-zo 1e-6 --eps 1e-3 --no-zero-shot

@@ -5,6 +5,6 @@ set -e
 STEPS=${1:-200}
 for objective in loss accuracy; do
   .venv/bin/zotune train --method mezo --task rt-sst2 --objective "$objective" --steps "$STEPS" --batch-size 16 \
-    --n-train 1000 --n-dev 0 --n-test 300 --eval-batch-size 32 --max-length 64 --lr 1e-5 --eps 1e-3 \
+    --n-train 1000 --n-dev 0 --n-test 300 --eval-batch-size 32 --max-length 64 --lr-zo 1e-5 --eps 1e-3 \
     --no-progress --overwrite --output "runs/objective-$objective"
 done

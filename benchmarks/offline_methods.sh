@@ -6,6 +6,6 @@ set -e
 METHOD=${1:-lora-ft}
 STEPS=${2:-120}
 for task in rt-sst2 rt-sst5 rt-subj tweet-3 rt-movie-qa; do
-  .venv/bin/zotune train --model smollm2 --task "$task" --method "$METHOD" --steps "$STEPS" --batch-size 8 --lr 5e-4 \
+  .venv/bin/zotune train --model smollm2 --task "$task" --method "$METHOD" --steps "$STEPS" --batch-size 8 --lr-fo 5e-4 \
     --n-train 1000 --n-dev 0 --n-test 300 --eval-batch-size 32 --no-progress --overwrite --output "runs/offline-$METHOD-$task"
 done

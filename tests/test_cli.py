@@ -23,7 +23,7 @@ def test_version():
 def test_train_eval_replay(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_model_dir), *CSV_TASK, "--steps", "3", "--batch-size", "2",
-            "--lr", "1e-3", "--output", str(out), "--no-progress"]
+            "--lr-zo", "1e-3", "--output", str(out), "--no-progress"]
     assert cli.main(args) == 0
     assert "test accuracy zero-shot" in capsys.readouterr().out
     assert cli.main(["eval", "--run", str(out), "--no-progress"]) == 0
@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_and_exit_2(bad_inputs, tmp_path, case, capsys):
 @pytest.mark.parametrize("args, expected", [
     (["trian"], "unknown command 'trian'; did you mean 'train'?"),
     (["train", "--method", "meza"], "unknown method 'meza'; did you mean 'mezo'?"),
-    (["train", "--lrr", "1e-3"], "unknown option '--lrr'; did you mean '--lr'?"),
+    (["train", "--lr-z0", "1e-3"], "unknown option '--lr-z0'; did you mean '--lr-zo'?"),
     (["train", "--task", "rt-sbj"], "unknown task 'rt-sbj'; did you mean 'rt-subj'?"),
     (["bench", "--dtype", "fp61"], "unknown dtype 'fp61'; did you mean 'fp16'?"),
 ])

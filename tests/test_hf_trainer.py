@@ -18,11 +18,11 @@ from zotune.methods import MeZOConfig, MeZOMethod
 
 STEPS, BATCH = 4, 4
 FAST = {  # configs with rates large enough that a few steps visibly change the weights
-    "mezo": {"lr": 1e-3},
-    "lmao": {"lr": 1e-2, "lr_base": 1e-3},
-    "hzo": {"lr": 1e-2, "lr_zo": 1e-3, "resample_every": 2},  # default stacked, joint, low-rank factors
-    "ft": {"lr": 1e-3},
-    "lora-ft": {"lr": 1e-2},
+    "mezo": {"lr_zo": 1e-3},
+    "lmao": {"lr_fo": 1e-2, "lr_zo": 1e-3},
+    "hzo": {"lr_fo": 1e-2, "lr_zo": 1e-3, "resample_every": 2},  # default stacked, joint, low-rank factors
+    "ft": {"lr_fo": 1e-3},
+    "lora-ft": {"lr_fo": 1e-2},
 }
 
 
@@ -58,8 +58,8 @@ class Recording(ZOTrainer):
 
 def merged(trainer):
     """Every weight, with pending low-rank factors written in (HZO's default merge='resample')."""
-    if trainer.method.zeroth_order is not None:
-        trainer.method.zeroth_order.merge_factors()
+    if trainer.method.zo is not None:
+        trainer.method.zo.merge_factors()
     return snapshot(trainer.model)
 
 
@@ -74,8 +74,8 @@ def check_trained(name, trainer, before):
         assert any("lora_B" in n for n in changed)
     if name == "hzo":  # shallow blocks by zeroth order, the last block by AdamW
         assert any("layers.0." in n for n in changed) and any("layers.1." in n for n in changed)
-    if trainer.method.zeroth_order is not None:
-        assert trainer.method.zeroth_order.steps_done == STEPS
+    if trainer.method.zo is not None:
+        assert trainer.method.zo.steps_done == STEPS
         assert "projected_grad" in trainer.state.log_history[0]
 
 
@@ -91,7 +91,7 @@ def test_first_order_methods_train_inside_the_trainer(name, tmp_path):
 def test_mezo_in_the_trainer_is_the_direct_run_and_the_trainer_adds_no_update(tmp_path):
     model = tiny_model("llama")
     trainer = Recording(model, arguments(tmp_path, lr_scheduler_type="linear"), method="mezo",
-                        method_config={"lr": 1e-3}, seed=3, train_dataset=dataset())
+                        method_config={"lr_zo": 1e-3}, seed=3, train_dataset=dataset())
     trainer.train()
     assert isinstance(trainer.optimizer, AcceleratedOptimizer)  # accelerate wrapped the method's optimizer
     assert isinstance(trainer.optimizer.optimizer, MethodOptimizer)
@@ -101,14 +101,14 @@ def test_mezo_in_the_trainer_is_the_direct_run_and_the_trainer_adds_no_update(tm
     assert all(torch.equal(p, after[n]) for n, p in trainer.model.named_parameters())
 
     direct = tiny_model("llama")
-    method = MeZOMethod(direct, MeZOConfig(lr=1e-3), seed=3, steps=STEPS)
+    method = MeZOMethod(direct, MeZOConfig(lr_zo=1e-3), seed=3, steps=STEPS)
     schedule = get_scheduler("linear", method.optimizer, num_warmup_steps=0, num_training_steps=STEPS)
     for batch in trainer.batches:
         method.step(lambda copies=None, batch=batch: direct(**batch).loss)
         schedule.step()
     for name, param in direct.named_parameters():
         assert torch.equal(param, after[name]), name
-    lrs = [record.lrs[0] for record in trainer.method.zeroth_order.trajectory.steps]
+    lrs = [record.lrs[0] for record in trainer.method.zo.trajectory.steps]
     assert lrs == [record.lrs[0] for record in method.optimizer.trajectory.steps]
     assert lrs == [1e-3 * (1 - t / STEPS) for t in range(STEPS)]  # the Trainer's scheduler set MeZO's lr
 
@@ -124,8 +124,8 @@ def test_resume_from_a_trainer_checkpoint_is_bit_identical(name, tmp_path):
     args = arguments(tmp_path / "b", save_strategy="no", lr_scheduler_type="linear")
     resumed = Recording(tiny_model("llama"), args, method=name, method_config=config, train_dataset=dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
-    assert len(resumed.batches) == STEPS - 2 and resumed.method.zeroth_order.steps_done == STEPS
-    assert resumed.method.zeroth_order.trajectory.steps == whole.method.zeroth_order.trajectory.steps
+    assert len(resumed.batches) == STEPS - 2 and resumed.method.zo.steps_done == STEPS
+    assert resumed.method.zo.trajectory.steps == whole.method.zo.trajectory.steps
     a, b = merged(whole), merged(resumed)
     for n in a:
         assert torch.equal(a[n], b[n]), n
@@ -134,7 +134,7 @@ def test_resume_from_a_trainer_checkpoint_is_bit_identical(name, tmp_path):
 
 def test_stacked_mezo_and_save_model_writes_a_replayable_trajectory(tmp_path):
     trainer = ZOTrainer(tiny_model("llama"), arguments(tmp_path), method="mezo",
-                        method_config={"lr": 1e-3, "stacked": True}, train_dataset=dataset())
+                        method_config={"lr_zo": 1e-3, "stacked": True}, train_dataset=dataset())
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     assert (tmp_path / "final" / "trajectory.json").is_file()
@@ -157,7 +157,7 @@ def test_the_readme_example_runs(tmp_path):
     train = [tokenizer(text) for text in texts]
     args = TrainingArguments(str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
                              lr_scheduler_type="constant", logging_steps=1, save_steps=2, use_cpu=True)
-    trainer = ZOTrainer(model, args, method="mezo", method_config={"lr": 1e-3, "eps": 1e-3}, train_dataset=train,
+    trainer = ZOTrainer(model, args, method="mezo", method_config={"lr_zo": 1e-3, "eps": 1e-3}, train_dataset=train,
                         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     trainer.train()
     trainer.save_model()
@@ -186,7 +186,7 @@ def ddp_worker(out: str) -> None:
         trainer.train()
         after = merged(trainer)
         result[name] = {"processes": trainer.accelerator.num_processes,
-                        "grads": [record.grads for record in trainer.method.zeroth_order.trajectory.steps],
+                        "grads": [record.grads for record in trainer.method.zo.trajectory.steps],
                         "changed": sum(not torch.equal(after[n], before[n]) for n in after),
                         "sha256": hashlib.sha256(b"".join(t.numpy().tobytes() for t in after.values())).hexdigest()}
     (Path(out) / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))

@@ -58,3 +58,4 @@ def test_report_compares_runs_in_markdown_and_one_figure(tmp_path, capsys):
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().endswith("is not a zotune run folder (no metrics.jsonl)")
+

@@ -207,7 +207,7 @@ def edit_setting(run: Path, key: str, value: str | None):
     ("model", "[a, b]", "config key model: expected text, got ['a', 'b']"),
     ("method", "{a: 1}", "config key method: expected text"),
     ("task", "mnli", "unknown task 'mnli'"),
-    ("lr", "-1", "--lr must be 0 or more"),
+    ("lr_zo", "-1", "--lr-zo must be 0 or more"),
     ("bogus", "1", "unknown config keys ['bogus']"),
     ("seed", None, "lacks seed: it was cut short or edited"),
     ("zotune_format", "99", "written by a newer zotune"),

@@ -7,7 +7,8 @@ from zotune.core.trajectory import Trajectory, TrajectoryStep
 __version__ = "0.1.0"
 
 # Loaded on first use: importing the core (``import zotune.core``) runs this file, and must not load the methods.
-_METHODS = {"HZO": "zotune.methods.hzo", "LMAO": "zotune.methods.lmao", "ZOTrainer": "zotune.integrations.trainer"}
+_METHODS = {"HZO": "zotune.methods.hzo", "LMAO": "zotune.methods.lmao", "ZOTrainer": "zotune.integrations.trainer",
+            "read_run": "zotune.recipe.report"}
 
 
 def __getattr__(name: str):
@@ -29,6 +30,7 @@ __all__ = [
     "TrajectoryStep",
     "ZOTrainer",
     "decay_groups",
+    "read_run",
     "replay",
     "__version__",
 ]

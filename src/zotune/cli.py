@@ -22,16 +22,19 @@ EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "tex
 
 def cmd_train(args) -> int:
     given = {k: v for k, v in vars(args).items() if k in cfg.flat_names()}
+    base = cfg.load_yaml(args.config) if args.config else {}
     if args.resume:
         if args.config:
             raise UserError("--resume takes the run's own config.yaml; leave out --config")
         config = resume_config(args.resume, given)
     else:
-        base = cfg.load_yaml(args.config) if args.config else {}
         config = cfg.from_args(args, base)
     unused = cfg.unused_options(config, given)
     if unused:  # accepted (one flat namespace for all methods), but the user should know they change nothing
         print(f"zotune: note: {config.method} does not use {', '.join(unused)}", file=sys.stderr)
+    renamed = cfg.renamed_options(config, {**base, **given})
+    if renamed:  # still read, so that scripts keep working; the hint is for the next edit
+        print(f"zotune: note: {'; '.join(renamed)} (the old spelling still works)", file=sys.stderr)
     result = train(config, resume=bool(args.resume))
     if distributed.rank() == 0:
         print(summary(result, config.output))
@@ -116,7 +119,8 @@ def _explain(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
-    found = {s for action in parser._actions for s in action.option_strings if s.startswith("--")}
+    found = {s for action in parser._actions if action.help is not argparse.SUPPRESS  # older names: not suggested
+             for s in action.option_strings if s.startswith("--")}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

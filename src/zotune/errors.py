@@ -16,7 +16,7 @@ def reason(error: Exception) -> str:
 
 
 def unknown(kind: str, value, choices) -> str:
-    """``unknown method 'meza'; did you mean 'mezo'?``, or the choices when nothing is close."""
+    """``unknown task 'sst3'; did you mean 'sst2'?``, or the choices when nothing is close."""
     choices = [str(choice) for choice in choices]
     close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
     if close:

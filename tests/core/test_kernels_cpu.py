@@ -14,24 +14,24 @@ cpu = pytest.importorskip("zotune.core.kernels.cpu")
 from numba import njit  # noqa: E402
 
 from zotune.core import kernels  # noqa: E402
-from zotune.core.kernels import reference  # noqa: E402
+from zotune.core.kernels import cpu_jit, reference  # noqa: E402
 
 
 @njit
 def _halves_to_float(h, out):
     for i in range(h.shape[0]):
-        out[i] = cpu._f16_to_f32(h[i])
+        out[i] = cpu_jit._f16_to_f32(h[i])
 
 
 @njit
 def _floats_to_half(x, bf16, nan, out):
     for i in range(x.shape[0]):
-        out[i] = cpu._to_bf16(x[i], nan) if bf16 else cpu._to_f16(x[i])
+        out[i] = cpu_jit._to_bf16(x[i], nan) if bf16 else cpu_jit._to_f16(x[i])
 
 
 @njit
 def _box_muller(words, out):
-    cpu._box_muller(words.reshape(-1, 4).T.copy().ravel(), out)  # the kernel reads word columns
+    cpu_jit._box_muller(words.reshape(-1, 4).T.copy().ravel(), out)  # the kernel reads word columns
 
 
 def _edge_floats() -> torch.Tensor:

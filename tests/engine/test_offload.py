@@ -150,7 +150,7 @@ def test_embeddings_and_head_can_stream_too():
     runs = []
     for options in ({}, {"offload": "cpu", "offload_embeddings": True, "offload_head": True}):
         model = tiny_model("llama")  # untied head
-        method = MeZOMethod(model, MeZOConfig(lr=1e-2, stacked=True, **options), seed=1, steps=3)
+        method = MeZOMethod(model, MeZOConfig(lr_zo=1e-2, stacked=True, **options), seed=1, steps=3)
         closure = stacked_closure(model)
         for _ in range(3):
             method.step(closure)

@@ -27,7 +27,7 @@ def test_hzo_deep_block_stays_finite_in_fp16():
 
 def test_ft_stays_finite_in_fp16():
     model = tiny_model("llama", torch.float16)
-    ft = FT(model, FTConfig(lr=1e-3))
+    ft = FT(model, FTConfig(lr_fo=1e-3))
     closure = lm_closure(model)
     losses = [ft.step(closure)["loss"] for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))

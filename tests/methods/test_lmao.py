@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import zotune
-from zotune.methods.lmao import is_adapter
+from zotune.methods.adapters import is_adapter
 
 from ..conftest import lm_closure, tiny_model
 
@@ -36,20 +36,20 @@ def changed(before, model):
 
 
 def test_each_phase_changes_only_its_own_parameters(family):
-    for lr_lora, lr_base, adapters_move, base_moves in ((1e-2, 0.0, True, False), (0.0, 1e-2, False, True),
+    for lr_fo, lr_zo, adapters_move, base_moves in ((1e-2, 0.0, True, False), (0.0, 1e-2, False, True),
                                                          (1e-2, 1e-2, True, True)):
         model = lora_model(family)
         adapters, base = split(model)
-        optimizer = zotune.LMAO(model, lr_lora=lr_lora, lr_base=lr_base, eps=1e-2)
+        optimizer = zotune.LMAO(model, lr_fo=lr_fo, lr_zo=lr_zo, eps=1e-2)
         optimizer.step(lm_closure(model))
         assert bool(changed(adapters, model)) == adapters_move
         assert changed(base, model) == (set(base) if base_moves else set())
         assert all(p.grad is None for p in model.parameters())
 
 
-def test_lr_base_zero_is_lora_fine_tuning(family):
+def test_lr_zo_zero_is_lora_fine_tuning(family):
     model, reference = lora_model(family), lora_model(family)
-    optimizer = zotune.LMAO(model, lr_lora=1e-2, lr_base=0.0, max_grad_norm=0.5)
+    optimizer = zotune.LMAO(model, lr_fo=1e-2, lr_zo=0.0, max_grad_norm=0.5)
     adapters = [p for n, p in reference.named_parameters() if is_adapter(n)]
     for n, p in reference.named_parameters():
         p.requires_grad_(is_adapter(n))
@@ -67,9 +67,9 @@ def test_lr_base_zero_is_lora_fine_tuning(family):
         assert torch.equal(a, b), name
 
 
-def test_lr_lora_zero_is_mezo_on_the_base_weights(family):
+def test_lr_fo_zero_is_mezo_on_the_base_weights(family):
     model, reference = lora_model(family), lora_model(family)
-    optimizer = zotune.LMAO(model, lr_lora=0.0, lr_base=1e-2, eps=1e-2, seed=5)
+    optimizer = zotune.LMAO(model, lr_fo=0.0, lr_zo=1e-2, eps=1e-2, seed=5)
     for n, p in reference.named_parameters():
         p.requires_grad_(not is_adapter(n))
     mezo = zotune.MeZO([(n, p) for n, p in reference.named_parameters() if not is_adapter(n)],
@@ -85,12 +85,12 @@ def test_lr_lora_zero_is_mezo_on_the_base_weights(family):
 
 def test_resume_is_bit_identical():
     straight = lora_model("llama")
-    optimizer = zotune.LMAO(straight, lr_lora=1e-2, lr_base=1e-2, eps=1e-2)
+    optimizer = zotune.LMAO(straight, lr_fo=1e-2, lr_zo=1e-2, eps=1e-2)
     for step in range(4):
         optimizer.step(lm_closure(straight, seed=step))
 
     first = lora_model("llama")
-    optimizer = zotune.LMAO(first, lr_lora=1e-2, lr_base=1e-2, eps=1e-2)
+    optimizer = zotune.LMAO(first, lr_fo=1e-2, lr_zo=1e-2, eps=1e-2)
     for step in range(2):
         optimizer.step(lm_closure(first, seed=step))
     saved_weights = {n: p.detach().clone() for n, p in first.named_parameters()}
@@ -100,7 +100,7 @@ def test_resume_is_bit_identical():
     with torch.no_grad():
         for n, p in resumed.named_parameters():
             p.copy_(saved_weights[n])
-    optimizer = zotune.LMAO(resumed, lr_lora=1e-2, lr_base=1e-2, eps=1e-2)
+    optimizer = zotune.LMAO(resumed, lr_fo=1e-2, lr_zo=1e-2, eps=1e-2)
     optimizer.load_state_dict(saved_state)
     for step in range(2, 4):
         optimizer.step(lm_closure(resumed, seed=step))

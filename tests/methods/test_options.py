@@ -64,7 +64,8 @@ def test_lowrank_builds_the_cores_low_rank_direction(monkeypatch, mezo_calls):
 
 
 def test_old_distribution_key_and_flag_mean_direction(tmp_path):
-    assert cli.build_parser().parse_args(["train", "--distribution", "rademacher"]).direction == "rademacher"
+    assert cfg.from_args(cli.build_parser().parse_args(["train", "--distribution", "rademacher"])).options.direction \
+        == "rademacher"
     assert cfg.from_mapping({"distribution": "rademacher"}).options.direction == "rademacher"
     assert cfg.from_mapping({"distribution": "rademacher", "direction": "gaussian"}).options.direction == "gaussian"
     # A run folder from before: every option of every method in one table, and no stochastic rounding yet.
@@ -89,7 +90,8 @@ def test_old_distribution_key_and_flag_mean_direction(tmp_path):
     ({"method": "lmao", "resample_every": 0}, "--resample-every must be positive"),
     ({"method": "lmao", "max_grad_norm": 0}, "--max-grad-norm must be positive"),
     ({"method": "lora-ft", "lora_r": 0}, "--lora-r must be positive"),
-    ({"method": "ft", "lr": -1}, "--lr must be 0 or more"),
+    ({"method": "ft", "lr_fo": -1}, "--lr-fo must be 0 or more"),
+    ({"method": "ft", "lr": -1}, "--lr-fo must be 0 or more"),  # the old name: the same check, under the new one
 ])
 def test_invalid_options_are_user_errors(values, message):
     with pytest.raises(UserError, match=message):

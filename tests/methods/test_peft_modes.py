@@ -26,15 +26,15 @@ def test_lr_and_eps_default_by_mode_and_the_saved_config_keeps_the_numbers():
     expected = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
     for peft, (lr, eps) in expected.items():
         options = cfg.from_mapping({"peft": peft}).options
-        assert (options.lr, options.eps) == (lr, eps)
-    given = cfg.from_mapping({"peft": "prefix", "lr": "1e-3"}).options  # YAML gives strings
-    assert (given.lr, given.eps, given.prefix_tokens) == (1e-3, 1e-1, 5)
+        assert (options.lr_zo, options.eps) == (lr, eps)
+    given = cfg.from_mapping({"peft": "prefix", "lr_zo": "1e-3"}).options  # YAML gives strings
+    assert (given.lr_zo, given.eps, given.prefix_tokens) == (1e-3, 1e-1, 5)
     # config.yaml holds the resolved numbers: the file reads back to the same config.
     flat = cfg.from_mapping({"peft": "lora", "lora_r": 4}).to_dict()
-    assert (flat["lr"], flat["eps"], flat["lora_r"], flat["lora_targets"]) == (1e-4, 1e-2, 4, "q_proj,v_proj")
+    assert (flat["lr_zo"], flat["eps"], flat["lora_r"], flat["lora_targets"]) == (1e-4, 1e-2, 4, "q_proj,v_proj")
     assert cfg.from_mapping(yaml.safe_load(yaml.safe_dump(flat))) == cfg.from_mapping(flat)
     hzo = cfg.from_mapping({"method": "hzo", "peft": "lora"}).options
-    assert (hzo.lr, hzo.lr_zo, hzo.eps) == (1e-4, 1e-4, 1e-2)
+    assert (hzo.lr_fo, hzo.lr_zo, hzo.eps) == (1e-4, 1e-4, 1e-2)
     plain = cfg.from_mapping({"method": "hzo"}).options
     assert (plain.lr_zo, plain.eps) == (1e-6, 1e-3)
     assert cfg.from_mapping({"method": "lmao"}).options.eps == 1e-3  # shared eps: the other methods keep theirs
@@ -85,7 +85,7 @@ def toy_closure(model, stacked=False):
 def test_only_the_adapter_trains_and_the_loss_decreases(peft, lr):
     model = tiny_model("llama")
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
-    method = methods.MeZOMethod(model, methods.MeZOConfig(peft=peft, lr=lr, stacked=True), seed=0, steps=20)
+    method = methods.MeZOMethod(model, methods.MeZOConfig(peft=peft, lr_zo=lr, stacked=True), seed=0, steps=20)
     adapter = {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
     assert sorted(sum(method.optimizer.trajectory.keys, [])) == sorted(adapter)  # named: replay finds them
     assert len(adapter) == (8 if peft == "lora" else 1)  # q_proj, v_proj A and B in 2 layers; one prefix tensor

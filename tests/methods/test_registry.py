@@ -61,7 +61,7 @@ def test_a_registered_method_is_in_the_cli_help(toy, capsys):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--toy-scale TOY_SCALE multiplies the loss [toy; default: 1.0]" in text
-    assert "toy: Plain SGD on every weight (a test method)" in text and "{mezo,ft,lora-ft,lmao,hzo,toy}" in text
+    assert "toy: Plain SGD on every weight (a test method)" in text and "{mezo,lmao,hzo,lora-ft,ft,toy}" in text
 
 
 def test_a_registered_method_trains_resumes_and_evaluates(toy, tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -114,16 +114,18 @@ def test_options_of_one_name_must_agree_on_type(monkeypatch):
 
 
 def test_unknown_method_in_a_config_file_is_a_user_error():
-    with pytest.raises(UserError, match="unknown method 'adam': choose one of mezo, ft, lora-ft, lmao"):
+    with pytest.raises(UserError, match="unknown method 'adam': choose one of mezo, lmao, hzo, lora-ft, ft"):
         cfg.from_mapping({"method": "adam"})
 
 
 def test_flat_options_split_into_run_fields_and_the_methods_own():
-    config = cfg.from_mapping({"method": "lora-ft", "steps": "7", "lr": "1e-3", "lora_r": 4, "eps": 5e-3})
+    config = cfg.from_mapping({"method": "lora-ft", "steps": "7", "lr_fo": "1e-3", "lora_r": 4, "eps": 5e-3})
     assert config.steps == 7 and isinstance(config.options, methods.LoRAFTConfig)
-    assert (config.options.lr, config.options.lora_r, config.options.lora_modules) == (1e-3, 4, ["q_proj", "v_proj"])
+    assert (config.options.lr_fo, config.options.lora_r, config.options.lora_modules) == (1e-3, 4, ["q_proj", "v_proj"])
     flat = config.to_dict()
     assert "eps" not in flat and flat["lora_r"] == 4 and flat["method"] == "lora-ft"  # eps: not lora-ft's
     assert cfg.from_mapping(flat) == config
-    defaults = {name: entry.config().lr for name, entry in methods.METHODS.items()}
-    assert defaults == {"mezo": 1e-6, "ft": 1e-5, "lora-ft": 1e-4, "lmao": 1e-4, "hzo": 1e-4}
+    defaults = {name: {rate: getattr(entry.config(), rate) for rate in methods.RATES if hasattr(entry.config(), rate)}
+                for name, entry in methods.METHODS.items()}
+    assert defaults == {"mezo": {"lr_zo": 1e-6}, "ft": {"lr_fo": 1e-5}, "lora-ft": {"lr_fo": 1e-4},
+                        "lmao": {"lr_zo": 1e-6, "lr_fo": 1e-4}, "hzo": {"lr_zo": 1e-6, "lr_fo": 1e-4}}

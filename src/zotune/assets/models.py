@@ -135,7 +135,8 @@ def add_lora(model, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj")):
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
     try:
-        with quiet_peft():
+        # peft draws its init from the global RNG: the caller's streams stay as they were (zotune redraws it).
+        with quiet_peft(), torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             return get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"LoRA targets {','.join(targets)}: {reason(error)}") from None

@@ -1,7 +1,7 @@
 """Any zotune method inside ``transformers.Trainer``, through its public extension points.
 
 :class:`ZOTrainer` is a ``Trainer`` whose ``training_step`` runs one step of a zotune
-method (``mezo``, ``lmao``, ``hzo``, ``ft``, ``lora-ft`` or a built :class:`Method`) on the
+method (a registered name, ``zotune.methods.names()``, or a built :class:`Method`) on the
 batch, with the loss from the Trainer's own ``compute_loss``. ``create_optimizer`` hands the
 Trainer a :class:`MethodOptimizer`: its ``step()`` does nothing (the method has stepped), its
 ``param_groups`` are the method's (the Trainer's LR scheduler sets their ``lr``, which
@@ -19,7 +19,7 @@ from accelerate.utils import send_to_device
 from transformers import Trainer
 
 from zotune import methods
-from zotune.methods.lmao import is_adapter
+from zotune.methods.adapters import is_adapter
 
 
 class MethodOptimizer(torch.optim.Optimizer):
@@ -64,19 +64,6 @@ class MethodOptimizer(torch.optim.Optimizer):
         self.param_groups = self.method.scheduled_groups  # load_state_dict replaced the group dicts
 
 
-def build_method(name: str, model, config=None, seed: int = 0, steps: int = 1):
-    """``zotune.methods.get(name)``'s Method on ``model``; ``config`` is its Config, a dict of its fields or None."""
-    entry = methods.get(name)
-    if config is None or isinstance(config, dict):
-        config = entry.config(**(config or {}))
-    elif not isinstance(config, entry.config):
-        raise TypeError(f"method {name!r} takes a {entry.config.__name__}, got {type(config).__name__}")
-    # LoRA's initial adapters come from the global RNG: seeded for them alone, the caller's stream left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return entry.method(model, config, seed=seed, steps=steps)
-
-
 class ZOTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with a zotune method.
 
@@ -99,7 +86,7 @@ class ZOTrainer(Trainer):
     :meth:`compute_copies_loss`, which needs a model with ``loss_function`` (causal or masked LM).
     """
 
-    def __init__(self, model=None, args=None, *, method="mezo", method_config=None, seed: int | None = None,
+    def __init__(self, model=None, args=None, *, method=methods.DEFAULT, method_config=None, seed: int | None = None,
                  **kwargs):
         if any(part is not None for part in kwargs.pop("optimizers", (None, None))):
             raise ValueError("ZOTrainer: the method is the optimizer; do not pass optimizers=")
@@ -118,7 +105,7 @@ class ZOTrainer(Trainer):
         if isinstance(method, str):
             seed = (args.seed if args is not None else 42) if seed is None else seed
             self._steps_from_trainer = True  # the methods' own schedules span the Trainer's max_steps
-            method = build_method(method, model, method_config, seed=seed)
+            method = methods.build(method, model, method_config, seed=seed)
         elif method_config is not None or seed is not None:
             raise ValueError("ZOTrainer: method_config and seed go with a method name, not a built method")
         else:
@@ -204,11 +191,11 @@ class ZOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self.method.flush()
         if not _internal_call:
-            if self.method.zeroth_order is not None:
-                self.method.zeroth_order.merge_factors()  # the weights themselves, as from_pretrained reads them
+            if self.method.zo is not None:
+                self.method.zo.merge_factors()  # the weights themselves, as from_pretrained reads them
         super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.method.zeroth_order is not None and self.args.should_save:
-            self.method.zeroth_order.trajectory.save(Path(output_dir or self.args.output_dir) / "trajectory.json")
+        if not _internal_call and self.method.zo is not None and self.args.should_save:
+            self.method.zo.trajectory.save(Path(output_dir or self.args.output_dir) / "trajectory.json")
 
 
-__all__ = ["MethodOptimizer", "ZOTrainer", "build_method"]
+__all__ = ["MethodOptimizer", "ZOTrainer"]

@@ -2,18 +2,22 @@
 ``register`` line below. The recipe, evaluation/replay, the CLI and the bench read the
 registry, so nothing else changes when a method is added."""
 
-from zotune.methods.first_order import FT, FTConfig, LoRAConfig, LoRAFT, LoRAFTConfig
+from zotune.methods.adapters import LoRAConfig
+from zotune.methods.first_order import FT, FTConfig, LoRAFT, LoRAFTConfig
 from zotune.methods.hzo import HZO, HZOConfig, HZOMethod
 from zotune.methods.lmao import LMAO, LMAOConfig, LMAOMethod
 from zotune.methods.mezo import MeZOConfig, MeZOMethod, ZOConfig
-from zotune.methods.registry import METHODS, Entry, Method, MethodConfig, describe, get, names, option, register
+from zotune.methods.registry import (METHODS, RATES, Entry, Method, MethodConfig, build, describe, get, make_config,
+                                     names, option, register, renames)
 
+# The order (least memory first) is that of help texts and bench rows.
 register("mezo", MeZOConfig, MeZOMethod)
-register("ft", FTConfig, FT)
-register("lora-ft", LoRAFTConfig, LoRAFT)
 register("lmao", LMAOConfig, LMAOMethod)
 register("hzo", HZOConfig, HZOMethod)
+register("lora-ft", LoRAFTConfig, LoRAFT)
+register("ft", FTConfig, FT)
+DEFAULT = "mezo"  # the method of zotune train and ZOTrainer when none is named: inference memory
 
-__all__ = ["FT", "FTConfig", "HZO", "HZOConfig", "HZOMethod", "LMAO", "LMAOConfig", "LMAOMethod", "LoRAConfig", "LoRAFT", "LoRAFTConfig", "METHODS",
-           "Entry", "MeZOConfig", "MeZOMethod", "Method", "MethodConfig", "ZOConfig", "describe", "get", "names",
-           "option", "register"]
+__all__ = ["DEFAULT", "FT", "FTConfig", "HZO", "HZOConfig", "HZOMethod", "LMAO", "LMAOConfig", "LMAOMethod", "LoRAConfig",
+           "LoRAFT", "LoRAFTConfig", "METHODS", "RATES", "Entry", "MeZOConfig", "MeZOMethod", "Method", "MethodConfig",
+           "ZOConfig", "build", "describe", "get", "make_config", "names", "option", "register", "renames"]

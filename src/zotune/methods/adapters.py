@@ -1,8 +1,9 @@
-"""Adapters for the zeroth-order methods (``--peft lora|prefix``): zeroth order on the
-adapter's parameters alone, the base weights frozen (MeZO §1's LoRA and prefix variants).
+"""Adapters: peft LoRA for every method that adds it (:class:`LoRAConfig`: lora-ft, lmao, and
+the zeroth-order methods' ``--peft lora|prefix``, zeroth order on the adapter's parameters
+alone, the base weights frozen: MeZO §1's LoRA and prefix variants).
 
 * ``lora``: peft LoRA (r = 8, α = 16 on q_proj and v_proj by default). peft draws A from the
-  global RNG; :func:`add_adapters` redraws it (peft's Kaiming-uniform init) from private
+  global RNG; :meth:`LoRAConfig.wrap` redraws it (peft's Kaiming-uniform init) from private
   generators seeded by the run's seed and the parameter's name, so that ``zotune replay``
   and trajectory checkpoints rebuild the same initial adapter in any process.
 * ``prefix``: peft prefix tuning (``prefix_projection=False``: the per-layer keys and values
@@ -30,20 +31,42 @@ import torch
 
 from zotune.core.rng import hash64
 from zotune.errors import UserError, reason
-from zotune.methods.first_order import LoRAConfig
-from zotune.methods.registry import check_positive, option, save_model
+from zotune.methods.registry import MethodConfig, check_positive, option, save_model
 from zotune.assets.models import add_lora, quiet_peft
 
 PEFT_MODES = ("none", "lora", "prefix")
 # MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
-ZO_DEFAULTS = {"none": {"lr": 1e-6, "eps": 1e-3}, "lora": {"lr": 1e-4, "eps": 1e-2},
-               "prefix": {"lr": 1e-2, "eps": 1e-1}}
+ZO_DEFAULTS = {"none": {"lr_zo": 1e-6, "eps": 1e-3}, "lora": {"lr_zo": 1e-4, "eps": 1e-2},
+               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}}
 
 
 def by_mode(name: str, modes=PEFT_MODES) -> str:
     """Help text of an option whose default depends on ``--peft``."""
     return "default by --peft: " + ", ".join(f"{mode} {ZO_DEFAULTS[mode][name]:.0e}".replace("e-0", "e-")
                                              for mode in modes)
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    """The options of peft LoRA adapters, shared by name by every method that adds them."""
+
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha (scale alpha/r)")
+    lora_targets: str = option("q_proj,v_proj", "comma-separated names of the modules that get adapters")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(self, "lora_r")
+
+    @property
+    def lora_modules(self) -> list[str]:
+        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
+
+    def wrap(self, model, seed: int):
+        """``model`` with this config's LoRA adapters (peft), their random factors drawn from ``seed``."""
+        wrapped = add_lora(model, self.lora_r, self.lora_alpha, self.lora_modules)
+        _seed_lora(wrapped, seed)
+        return wrapped
 
 
 @dataclass
@@ -63,13 +86,13 @@ class PeftOptions(LoRAConfig):
             raise UserError(f"--peft {self.peft} trains a small adapter on a frozen model; --offload streams trained "
                             "blocks: drop --offload (or --peft)")
 
-    def resolve(self, **fields: str) -> None:
-        """Sets each field (a keyword) left at None to the ``--peft`` mode's default of its value
-        (``"lr"`` or ``"eps"``, MeZO §1), so that the config, and config.yaml, hold the number used."""
+    def resolve(self, *names: str) -> None:
+        """Sets each field named (``"lr_zo"``, ``"eps"``) left at None to the ``--peft`` mode's default
+        (MeZO §1), so that the config, and config.yaml, hold the number used."""
         defaults = ZO_DEFAULTS.get(self.peft, ZO_DEFAULTS["none"])  # a bad mode: check_choices names it next
-        for name, default in fields.items():
+        for name in names:
             if getattr(self, name) is None:
-                setattr(self, name, defaults[default])
+                setattr(self, name, defaults[name])
 
 
 def add_adapters(model, config: PeftOptions, seed: int):
@@ -78,10 +101,13 @@ def add_adapters(model, config: PeftOptions, seed: int):
     if config.peft == "none":
         return model
     if config.peft == "lora":
-        wrapped = add_lora(model, config.lora_r, config.lora_alpha, config.lora_modules)
-        _seed_lora(wrapped, seed)
-        return wrapped
+        return config.wrap(model, seed)
     return _add_prefix(model, config.prefix_tokens, seed)
+
+
+def is_adapter(name: str) -> bool:
+    """peft's adapter parameters (LoRA A/B, embeddings, magnitudes) all carry ``lora_`` in their names."""
+    return "lora_" in name
 
 
 def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

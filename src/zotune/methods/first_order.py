@@ -1,8 +1,4 @@
-"""First-order fine-tuning with AdamW: ``ft`` (all weights) and ``lora-ft`` (peft LoRA adapters).
-
-:class:`LoRAConfig` holds the adapter options that every LoRA method shares (LMAO reads
-the same fields).
-"""
+"""First-order fine-tuning with AdamW: ``ft`` (all weights) and ``lora-ft`` (peft LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -11,13 +7,14 @@ from dataclasses import dataclass
 from zotune.core.optim import decay_groups
 from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
-from zotune.methods.registry import Method, MethodConfig, check_positive, option
-from zotune.assets.models import add_lora
+from zotune.methods.adapters import LoRAConfig
+from zotune.methods.footprint import Footprint, Row
+from zotune.methods.registry import Method, MethodConfig, option
 
 
 @dataclass
 class FTConfig(MethodConfig):
-    lr: float = option(1e-5, "learning rate")
+    lr_fo: float = option(1e-5, "first-order (AdamW) learning rate", aliases=("lr",))
 
 
 class FT(Method):
@@ -30,7 +27,7 @@ class FT(Method):
 
     def __init__(self, model, config: FTConfig, seed: int = 0, steps: int = 1):
         super().__init__(model, config, seed, steps)
-        self.optimizer = adamw(decay_groups(model.named_parameters(), config.weight_decay), lr=config.lr)
+        self.optimizer = adamw(decay_groups(model.named_parameters(), config.weight_decay), lr=config.lr_fo)
 
     def step(self, loss_fn) -> dict:
         self.model.train()
@@ -41,29 +38,14 @@ class FT(Method):
         self.optimizer.step()
         return {"loss": float(value), "lr": self.optimizer.param_groups[0]["lr"]}  # read after the update is queued
 
-
-@dataclass
-class LoRAConfig(MethodConfig):
-    lora_r: int = option(8, "LoRA rank")
-    lora_alpha: int = option(16, "LoRA alpha (scale alpha/r)")
-    lora_targets: str = option("q_proj,v_proj", "comma-separated names of the modules that get adapters")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_positive(self, "lora_r")
-
-    @property
-    def lora_modules(self) -> list[str]:
-        return [name.strip() for name in self.lora_targets.split(",") if name.strip()]
-
-    def wrap(self, model):
-        """``model`` with this config's LoRA adapters (peft); draws their init from the global RNG."""
-        return add_lora(model, self.lora_r, self.lora_alpha, self.lora_modules)
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        return {"ft": Row(footprint.weights + footprint.shape.params * footprint.adam + footprint.backward)}
 
 
 @dataclass
 class LoRAFTConfig(LoRAConfig):
-    lr: float = option(1e-4, "learning rate")
+    lr_fo: float = option(1e-4, "first-order (AdamW) learning rate", aliases=("lr",))
 
 
 class LoRAFT(FT):
@@ -72,8 +54,14 @@ class LoRAFT(FT):
     The run exports the adapter (``adapter/``) alone.
     """
 
+    bench_yardstick = True  # the usual way to fine-tune on little memory: what the others are compared with
+
     def __init__(self, model, config: LoRAFTConfig, seed: int = 0, steps: int = 1):
-        super().__init__(config.wrap(model), config, seed, steps)
+        super().__init__(config.wrap(model, seed), config, seed, steps)
 
     def export(self, folder, model, tokenizer) -> None:
         model.save_pretrained(folder / "adapter")
+
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        return {"lora-ft": Row(footprint.lora_backprop)}

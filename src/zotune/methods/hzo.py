@@ -29,6 +29,7 @@ from zotune.engine.distributed import average_gradients
 from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.methods.adapters import PeftOptions, add_adapters, adapter_parameters, by_mode, save_result
+from zotune.methods.footprint import Footprint, Row, stacked_copies
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import (ESTIMATORS, OffloadOptions, ZOConfig, merge_factors, offload_blocks, projected_grad,
                                  zo_options)
@@ -243,10 +244,11 @@ class HZO(Hybrid):
 
 @dataclass
 class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
-    lr: float = option(1e-4, "first-order (AdamW) learning rate of the deep blocks and head (decayed linearly to 0)")
+    lr_fo: float = option(1e-4, "first-order (AdamW) learning rate of the deep blocks and head (decayed linearly to "
+                          "0)", aliases=("lr",))
     # None: the --peft mode's default (MeZO §1), set by __post_init__, so config.yaml holds the number used.
     lr_zo: float | None = option(None, f"zeroth-order learning rate of the shallow blocks (constant; "
-                                 f"{by_mode('lr', ('none', 'lora'))})")
+                                 f"{by_mode('lr_zo', ('none', 'lora'))})")
     eps: float | None = option(None, f"perturbation scale ({by_mode('eps', ('none', 'lora'))})")
     direction: str = option("lowrank", "direction of the shallow part's perturbations: lowrank (U Vᵀ per matrix), "
                             "or dense gaussian or rademacher", choices=("lowrank", "gaussian", "rademacher"))
@@ -270,7 +272,7 @@ class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     max_grad_norm: float = option(1.0, "clipping of the first-order part's gradient norm")
 
     def __post_init__(self):
-        self.resolve(lr_zo="lr", eps="eps")
+        self.resolve("lr_zo", "eps")
         super().__post_init__()
         check_non_negative(self, "lr_zo", "deep_blocks")
         check_positive(self, "max_grad_norm")
@@ -295,7 +297,7 @@ class HZOMethod(Method):
 
     @property
     def scheduled_groups(self) -> list[dict]:
-        return self.optimizer.zo.param_groups  # the first-order rate decays by the method's own schedule
+        return self.zo.param_groups  # the first-order rate decays by the method's own schedule
 
     @property
     def unaveraged_optimizers(self) -> list:
@@ -305,19 +307,19 @@ class HZOMethod(Method):
         super().__init__(add_adapters(model, config, seed), config, seed, steps)
         options = zo_options(config)
         with settings_errors():
-            self.optimizer = HZO(self.model, deep_blocks=config.deep_blocks, lr_fo=config.lr, lr_zo=config.lr_zo,
+            self.optimizer = HZO(self.model, deep_blocks=config.deep_blocks, lr_fo=config.lr_fo, lr_zo=config.lr_zo,
                                  interval=config.resample_every, fo_every=config.fo_every, order=config.order,
                                  weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
                                  blocks=config.blocks, head=config.head, only=_adapter_names(self.model, config),
                                  **options)
-        self.engine = offload_blocks(self.model, self.optimizer.zo, config, self.optimizer.shallow_blocks)
-        self.zeroth_order = self.optimizer.zo
+        self.zo = self.optimizer.zo
+        self.engine = offload_blocks(self.model, self.zo, config, self.optimizer.shallow_blocks)
 
     def step(self, loss_fn) -> dict:
         hzo = self.optimizer
         if hzo.fo is not None:  # a function of the step count: resume-safe
             for group in hzo.fo.param_groups:
-                group["lr"] = self.config.lr * (1 - hzo.steps_done / self.steps)
+                group["lr"] = self.config.lr_fo * (1 - hzo.steps_done / self.steps)
         lr = hzo.fo.param_groups[0]["lr"] if hzo.fo is not None else 0.0
         loss = hzo.step(loss_fn)
         record = {"projected_grad": projected_grad(hzo.zo), "loss": loss, "lr": lr}
@@ -331,7 +333,7 @@ class HZOMethod(Method):
                 if self.config.peft == "none" or id(p) in trained}
 
     def export(self, folder, model, tokenizer) -> None:
-        merge_factors(self.engine, self.optimizer.zo)
+        merge_factors(self.engine, self.zo)
         self.optimizer.trajectory.save(folder / "trajectory.json")
         deep = {id(p) for p in self.optimizer.deep}
         save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if id(p) in deep},
@@ -355,6 +357,15 @@ class HZOMethod(Method):
                 if name in saved:
                     param.copy_(saved[name])
         return model
+
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        # The defaults (joint order, one-sided, stacked) run the copies in one forward, autograd from the first deep
+        # block on: the deep blocks' AdamW state and every copy's deep activations, logits and logit gradients
+        # (low-rank directions: no weight-sized copy).
+        f = footprint
+        kept = f.deep * f.shape.block * f.adam + stacked_copies(HZOConfig) * (f.deep * f.stored + 2 * f.logits)
+        return {"hzo": Row(f.weights + kept), "hzo-offload": Row(f.resident(f.deep) + kept, f.host(f.deep))}
 
 
 def _adapter_names(model, config: HZOConfig) -> set[str] | None:

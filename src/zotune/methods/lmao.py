@@ -17,15 +17,11 @@ import torch
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
-from zotune.methods.first_order import LoRAConfig
+from zotune.methods.adapters import LoRAConfig, is_adapter
+from zotune.methods.footprint import Footprint, Row
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import ZOConfig, projected_grad, zo_options
-from zotune.methods.registry import Method, check_non_negative, check_positive, option, save_model, settings_errors
-
-
-def is_adapter(name: str) -> bool:
-    """peft's adapter parameters (LoRA A/B, embeddings, magnitudes) all carry ``lora_`` in their names."""
-    return "lora_" in name
+from zotune.methods.registry import Method, check_positive, option, save_model, settings_errors
 
 
 class LMAO(Hybrid):
@@ -33,10 +29,10 @@ class LMAO(Hybrid):
 
     Args:
         model: a peft model with LoRA adapters (``peft.get_peft_model``).
-        lr_lora: AdamW learning rate of the adapters (η_BA); ``fo`` is an AdamW (float32
+        lr_fo: AdamW learning rate of the adapters (η_BA); ``fo`` is an AdamW (float32
             masters if the adapters are half precision; peft makes them float32 by default),
             so attach any scheduler to it (the paper decays it linearly).
-        lr_base: ZO learning rate of the base weights (η_W, constant in the paper).
+        lr_zo: ZO learning rate of the base weights (η_W, constant in the paper).
         eps: ZO perturbation scale.
         weight_decay: ZO weight decay λ on base matrices (biases and norms get none).
         lora_weight_decay: AdamW weight decay of the adapters.
@@ -49,7 +45,7 @@ class LMAO(Hybrid):
     Returns the FO phase's loss.
     """
 
-    def __init__(self, model, lr_lora: float = 1e-5, lr_base: float = 1e-6, eps: float = 1e-3,
+    def __init__(self, model, lr_fo: float = 1e-5, lr_zo: float = 1e-6, eps: float = 1e-3,
                  weight_decay: float = 0.0, lora_weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  n_samples: int = 1, seed: int = 0, direction="gaussian", estimator: str = "spsa",
                  stochastic_rounding: bool = True, stacked: bool = False, merge: str = "step"):
@@ -64,11 +60,11 @@ class LMAO(Hybrid):
         self.max_grad_norm = max_grad_norm
         self.fo = adamw(
             [{"params": self.adapters, "param_names": [n for n, _ in adapters]}],
-            lr=lr_lora, weight_decay=lora_weight_decay,
+            lr=lr_fo, weight_decay=lora_weight_decay,
         )
         for p in self.base:  # decay_groups keeps trainable parameters; ZO phases switch them on in turn
             p.requires_grad_(True)
-        self.zo = MeZO(decay_groups(base, weight_decay), lr=lr_base, eps=eps, n_samples=n_samples,
+        self.zo = MeZO(decay_groups(base, weight_decay), lr=lr_zo, eps=eps, n_samples=n_samples,
                        seed=seed, direction=direction, estimator=estimator,
                        stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge)
         self._train_only(self.adapters)
@@ -101,7 +97,7 @@ class LMAO(Hybrid):
             self._train_only(self.adapters)
         value = self.zo.rider_values[0]
         if not math.isfinite(value):
-            raise FloatingPointError(f"the LoRA phase's loss is {value} at step {self.zo.steps_done}; lower lr_lora")
+            raise FloatingPointError(f"the LoRA phase's loss is {value} at step {self.zo.steps_done}; lower lr_fo")
         return value
 
     def state_dict(self) -> dict:
@@ -114,13 +110,13 @@ class LMAO(Hybrid):
 
 @dataclass
 class LMAOConfig(ZOConfig, LoRAConfig):
-    lr: float = option(1e-4, "learning rate of the adapters (decayed linearly to 0)")
-    lr_base: float = option(1e-6, "zeroth-order learning rate of the base weights (constant)")
+    lr_fo: float = option(1e-4, "first-order (AdamW) learning rate of the adapters (decayed linearly to 0)",
+                          aliases=("lr",))
+    lr_zo: float = option(1e-6, "zeroth-order learning rate of the base weights (constant)", aliases=("lr_base",))
     max_grad_norm: float = option(1.0, "clipping of the adapters' gradient norm")
 
     def __post_init__(self):
         super().__post_init__()  # ZOConfig's and LoRAConfig's checks, in MRO order
-        check_non_negative(self, "lr_base")
         check_positive(self, "max_grad_norm")
 
 
@@ -136,20 +132,20 @@ class LMAOMethod(Method):
 
     @property
     def scheduled_groups(self) -> list[dict]:
-        return self.optimizer.zo.param_groups  # the adapters' rate decays by the method's own schedule
+        return self.zo.param_groups  # the adapters' rate decays by the method's own schedule
 
     def __init__(self, model, config: LMAOConfig, seed: int = 0, steps: int = 1):
-        super().__init__(config.wrap(model), config, seed, steps)
+        super().__init__(config.wrap(model, seed), config, seed, steps)
         with settings_errors():
-            self.optimizer = LMAO(self.model, lr_lora=config.lr, lr_base=config.lr_base,
+            self.optimizer = LMAO(self.model, lr_fo=config.lr_fo, lr_zo=config.lr_zo,
                                   weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=seed,
                                   **zo_options(config))
-        self.zeroth_order = self.optimizer.zo
+        self.zo = self.optimizer.zo
 
     def step(self, loss_fn) -> dict:
         # The paper decays the adapters' rate linearly; a function of the optimizer's own step count, so resume-safe.
         for group in self.optimizer.fo.param_groups:
-            group["lr"] = self.config.lr * (1 - self.optimizer.steps_done / self.steps)
+            group["lr"] = self.config.lr_fo * (1 - self.optimizer.steps_done / self.steps)
         loss = self.optimizer.step(loss_fn)
         return {"projected_grad": projected_grad(self.optimizer), "loss": loss,
                 "lr": self.optimizer.fo.param_groups[0]["lr"]}
@@ -159,15 +155,14 @@ class LMAOMethod(Method):
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters()}
 
     def export(self, folder, model, tokenizer) -> None:
-        self.optimizer.zo.merge_factors()
+        self.zo.merge_factors()
         model.save_pretrained(folder / "adapter")
         self.optimizer.trajectory.save(folder / "trajectory.json")
         save_model(folder / "model", model.merge_and_unload(), tokenizer)
 
     @classmethod
     def replay(cls, model, config: LMAOConfig, trajectory):
-        with torch.random.fork_rng(devices=[]):  # the adapters' random init is thrown away below
-            wrapped = config.wrap(model)
+        wrapped = config.wrap(model, seed=0)  # the adapters are thrown away below
         # The trajectory's keys are the parameter names inside the peft model, as LMAO recorded them.
         base = [(name, p.requires_grad_(True)) for name, p in wrapped.named_parameters() if not is_adapter(name)]
         replay(decay_groups(base, config.weight_decay), trajectory)
@@ -179,3 +174,9 @@ class LMAOMethod(Method):
 
         merged = PeftModel.from_pretrained(replayed, folder / "adapter").merge_and_unload()
         return merged, " with the adapter merged"
+
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        # The phases run one after the other: the peak is the larger of LoRA's backward and the perturbed forward.
+        f = footprint
+        return {"lmao": Row(max(f.lora_backprop, f.perturbed_inference + f.adapters))}

@@ -19,6 +19,7 @@ from zotune.engine.blocks import find_blocks
 from zotune.errors import UserError
 from zotune.engine.offload import Offload
 from zotune.methods.adapters import PeftOptions, add_adapters, by_mode, save_result
+from zotune.methods.footprint import Footprint, Row, stacked_copies
 from zotune.methods.registry import Method, MethodConfig, check_positive, option, settings_errors
 
 DIRECTIONS = ("gaussian", "rademacher", "lowrank")
@@ -120,7 +121,7 @@ def projected_grad(optimizer) -> float:
 @dataclass
 class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     # None: the --peft mode's default (MeZO §1), set by __post_init__, so config.yaml holds the number used.
-    lr: float | None = option(None, f"learning rate ({by_mode('lr')})")
+    lr_zo: float | None = option(None, f"zeroth-order learning rate ({by_mode('lr_zo')})", aliases=("lr",))
     eps: float | None = option(None, f"perturbation scale ({by_mode('eps')})")
 
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
@@ -131,7 +132,7 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         return self.shard
 
     def __post_init__(self):
-        self.resolve(lr="lr", eps="eps")
+        self.resolve("lr_zo", "eps")
         super().__post_init__()
         if self.shard and (self.offload != "none" or self.peft != "none" or self.direction == "lowrank"):
             raise UserError("--shard works with full-parameter zeroth order and dense directions: leave out --offload, "
@@ -154,14 +155,14 @@ class MeZOMethod(Method):
     def __init__(self, model, config: MeZOConfig, seed: int = 0, steps: int = 1):
         super().__init__(add_adapters(model, config, seed), config, seed, steps)
         self._build_optimizer()
-        self.engine = offload_blocks(self.model, self.optimizer, config)
+        self.engine = offload_blocks(self.model, self.zo, config)
         self._sharded_export = None
 
     def _build_optimizer(self) -> None:
         with settings_errors():
-            self.optimizer = MeZO(decay_groups(self.model.named_parameters(), self.config.weight_decay),
-                                  lr=self.config.lr, seed=self.seed, **zo_options(self.config))
-        self.zeroth_order = self.optimizer
+            self.zo = MeZO(decay_groups(self.model.named_parameters(), self.config.weight_decay),
+                           lr=self.config.lr_zo, seed=self.seed, **zo_options(self.config))
+        self.optimizer = self.zo
 
     def distribute(self, parallel) -> None:
         if self.config.shard:
@@ -173,7 +174,7 @@ class MeZOMethod(Method):
             blocks = [module for _, module in find_blocks(self.model, self.config.blocks).blocks]
             aliases = sharding.shard_model(self.model, blocks, parallel)
             self._build_optimizer()  # over the sharded parameters, before any step (distribute() sets parallel)
-            self.optimizer.forward_aliases = aliases
+            self.zo.forward_aliases = aliases
         super().distribute(parallel)
 
     def checkpoint_tensors(self) -> dict:
@@ -186,13 +187,12 @@ class MeZOMethod(Method):
 
     def step(self, loss_fn) -> dict:
         self.model.eval()  # dropout would make the perturbed losses differ
-        loss = self.optimizer.step(loss_fn)
-        return {"projected_grad": projected_grad(self.optimizer), "loss": loss,
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        loss = self.zo.step(loss_fn)
+        return {"projected_grad": projected_grad(self.zo), "loss": loss, "lr": self.zo.param_groups[0]["lr"]}
 
     def export(self, folder, model, tokenizer) -> None:
-        merge_factors(self.engine, self.optimizer)
-        self.optimizer.trajectory.save(folder / "trajectory.json")
+        merge_factors(self.engine, self.zo)
+        self.zo.trajectory.save(folder / "trajectory.json")
         if self._sharded_export is not None:
             sharding.save_gathered(folder / "model", model, self._sharded_export, tokenizer)
         else:
@@ -203,3 +203,11 @@ class MeZOMethod(Method):
         model = add_adapters(model, config, Trajectory.load(trajectory).seed)  # the run's initial adapter
         replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
         return model
+
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        # Inference and the perturbed copy a forward reads. Offloaded, the evaluations always stack: the forward's
+        # transient grows with each copy of the batch.
+        f = footprint
+        offloaded = f.resident() + f.transient(stacked_copies(MeZOConfig) * f.tokens) + f.perturbed_copy
+        return {"mezo": Row(f.perturbed_inference), "mezo-offload": Row(offloaded, f.host())}

@@ -9,12 +9,14 @@ dataclass and a :class:`Method` subclass) plus one :func:`register` line in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from zotune.errors import UserError, reason, unknown
+from zotune.methods.footprint import Footprint, Row
 
 
 def option(default, help: str, **extra):
@@ -59,17 +61,23 @@ def settings_errors():
         raise UserError(reason(error)) from None
 
 
+# Every method spells its learning rates the same way: ``lr_zo`` for what trains by zeroth order,
+# ``lr_fo`` for what trains by gradients (AdamW). A config declares the ones its method uses.
+RATES = ("lr_zo", "lr_fo")
+
+
 @dataclass
 class MethodConfig:
     """Base of the method configs: every field carries help text and a default, and
-    ``__post_init__`` validates (subclasses extend it and call ``super().__post_init__()``)."""
+    ``__post_init__`` validates (subclasses extend it and call ``super().__post_init__()``).
+    A field's ``aliases`` are its older names: config files that use them still load, and the
+    CLI points from them to the new name."""
 
-    lr: float = option(1e-4, "learning rate")
     weight_decay: float = option(0.0, "weight decay (not applied to biases and norms)")
 
     def __post_init__(self):
         check_choices(self)
-        check_non_negative(self, "lr", "weight_decay")
+        check_non_negative(self, *(rate for rate in RATES if hasattr(self, rate)), "weight_decay")
 
     @property
     def streams_blocks(self) -> bool:
@@ -90,11 +98,14 @@ class Method:
     A subclass wraps the model if it needs to (``self.model`` is what the recipe scores),
     builds its optimizer(s) and implements :meth:`step`. The defaults below fit a method
     with one ``self.optimizer`` that updates the trainable parameters of a full model.
+    Inside a method (and its two-part optimizers, :class:`~zotune.methods.hybrid.Hybrid`),
+    ``zo`` is the zeroth-order optimizer and ``fo`` the first-order one; their rates are
+    the config's ``lr_zo`` and ``lr_fo``.
     The first line of the class docstring is the method's one-line help.
 
     Args:
-        model: the loaded model, in eval mode; wrapping it draws from the global RNG,
-            which the recipe has seeded (and forked) for the run.
+        model: the loaded model, in eval mode. What a method adds to it (adapters, a
+            prefix) draws from private generators seeded by ``seed``, never from the global RNG.
         config: an instance of the method's registered Config.
         seed: the run's seed (e.g. for the zeroth-order directions).
         steps: the run's total steps (e.g. for a learning-rate schedule).
@@ -106,13 +117,17 @@ class Method:
     engine = None
     #: the :class:`zotune.MeZO` whose recorded steps rebuild the weights it trains (what a
     #: trajectory checkpoint replays); None for methods that train by gradients alone
-    zeroth_order = None
+    zo = None
     #: True when :meth:`step` never differentiates the loss (non-differentiable objectives allowed)
     gradient_free = False
     #: rows ``zotune bench`` offers besides the method's own: row name -> config overrides
     bench_variants: dict[str, dict] = {}
+    #: True when ``zotune bench`` gives every row's time relative to this method's too
+    bench_yardstick = False
     #: the :class:`zotune.engine.distributed.Parallel` of a multi-process run (see :meth:`distribute`)
     parallel = None
+    #: what :meth:`step` steps, behind the ``torch.optim.Optimizer`` surface (``self.zo`` itself for MeZO)
+    optimizer = None
 
     def __init__(self, model, config, seed: int = 0, steps: int = 1):
         self.model, self.config, self.seed, self.steps = model, config, seed, steps
@@ -121,7 +136,7 @@ class Method:
         """Joins a multi-process run (:mod:`zotune.engine.distributed`): the zeroth-order
         optimizer shares its losses, first-order parts average their gradients."""
         self.parallel = parallel
-        for optimizer in (getattr(self, "optimizer", None), self.zeroth_order):
+        for optimizer in (self.optimizer, self.zo):
             if optimizer is not None and hasattr(optimizer, "parallel"):
                 optimizer.parallel = parallel
 
@@ -174,6 +189,13 @@ class Method:
         """The replayed weights as the run exported them in ``model/``, and a note for the message."""
         return replayed, ""
 
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        """The method's rows in ``zotune memory`` (its own and its variants'): row name -> peak device bytes (and
+        host bytes of an offloaded row), as sums of the :class:`~zotune.methods.footprint.Footprint` terms, for the
+        method's defaults."""
+        return {}
+
 
 def save_model(folder: Path, model, tokenizer) -> None:
     model.save_pretrained(folder)
@@ -204,6 +226,33 @@ def register(name: str, config: type, method: type) -> Entry:
             raise TypeError(f"{config.__name__}.{f.name} needs a default and metadata={{'help': ...}} (see option())")
     METHODS[name] = entry = Entry(config, method)
     return entry
+
+
+def renames(config: type) -> dict[str, str]:
+    """The older names of a Config's options (their ``aliases``): old name -> current name."""
+    return {alias: f.name for f in dataclasses.fields(config) for alias in f.metadata.get("aliases", ())}
+
+
+def make_config(name: str, values: dict | None = None):
+    """Method ``name``'s Config from a dict of its fields (defaults for the rest); an older name of a
+    field still works, with a FutureWarning that names the new one."""
+    config, values = get(name).config, dict(values or {})
+    for alias, current in renames(config).items():
+        if alias in values:
+            warnings.warn(f"{name}'s option {alias!r} is now {current!r}", FutureWarning, stacklevel=2)
+            values.setdefault(current, values.pop(alias))
+    return config(**values)
+
+
+def build(name: str, model, config=None, seed: int = 0, steps: int = 1) -> Method:
+    """Method ``name`` on ``model``; ``config`` is its Config, a dict of its fields (see :func:`make_config`)
+    or None for the defaults."""
+    entry = get(name)
+    if config is None or isinstance(config, dict):
+        config = make_config(name, config)
+    elif not isinstance(config, entry.config):
+        raise TypeError(f"method {name!r} takes a {entry.config.__name__}, got {type(config).__name__}")
+    return entry.method(model, config, seed=seed, steps=steps)
 
 
 def get(name: str) -> Entry:

@@ -27,6 +27,7 @@ from zotune.recipe.checkpoint import current_checkpoint, link_or_copy, load_stat
 from zotune.core.trajectory import TrajectoryStep
 from zotune.engine.sharding import full
 from zotune.errors import UserError, reason
+from zotune import methods
 
 MODES = ("full", "trajectory")
 BASE_FORMAT = "zotune-trajectory-checkpoint/1"
@@ -87,10 +88,11 @@ class TrajectoryCheckpoints(FullCheckpoints):
 
     def __init__(self, method, progress: bool = True, snapshot_every: int = 0):
         super().__init__(method)
-        self.zo = method.zeroth_order
+        self.zo = method.zo
         if self.zo is None:
-            raise UserError("--checkpoint trajectory needs a zeroth-order method (mezo, lmao or hzo): the other "
-                            "methods train by gradients, which no seed rebuilds; use --checkpoint full")
+            replaying = [name for name, entry in methods.METHODS.items() if entry.method.replays]
+            raise UserError(f"--checkpoint trajectory needs a zeroth-order method ({', '.join(replaying)}): the "
+                            "other methods train by gradients, which no seed rebuilds; use --checkpoint full")
         self.progress, self.snapshot_every = progress, snapshot_every
         self.keyed = {key: p for group in self.zo.param_groups for key, p in zip(group["keys"], group["params"])}
         owned = {id(p) for p in self.keyed.values()}

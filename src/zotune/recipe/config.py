@@ -3,9 +3,11 @@
 A run's settings are the run fields of :class:`TrainConfig` plus the chosen method's own
 config (``zotune.methods``), kept in ``TrainConfig.options``. On the command line and
 in ``config.yaml`` they form one flat namespace: the run fields and the options of
-every registered method, merged by name (``--lr`` serves every method). Options of
-methods other than the chosen one are accepted and ignored, so a run folder written
-when all options lived in one table still loads.
+every registered method, merged by name (``--lr-zo`` serves every method with a
+zeroth-order part). Options of methods other than the chosen one are accepted and
+ignored, so a run folder written when all options lived in one table still loads. An
+option's older names (its ``aliases``, per method: ``lr`` was one method's zeroth-order
+rate and another's first-order one) are read as the new name, with a hint on the command line.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from zotune.methods.registry import check_choices, check_non_negative, check_pos
 # config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
-FORMAT = 3  # 2: objective, max_new_tokens, the peft options of mezo and hzo; 3: parallel, shard
+# 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base.
+FORMAT = 4
 
 
 @dataclass
@@ -47,17 +50,17 @@ class TrainConfig:
     n_train: int = option(1000, "training examples drawn from the train pool")
     n_dev: int = option(500, "dev examples drawn from the train pool (disjoint from train)")
     n_test: int = option(1000, "test examples drawn from the test pool")
-    method: str = option("mezo", methods.describe, choices=methods.names)  # read from the registry when asked
+    method: str = option(methods.DEFAULT, methods.describe, choices=methods.names)  # read from the registry when asked
     steps: int = option(1000, "optimizer steps")
     batch_size: int = option(16, "training examples per step")
     eval_every: int = option(0, "evaluate on the dev set every N steps (0: never during training)")
     zero_shot: bool = option(True, "evaluate on the test set before training")
     eval_batch_size: int = option(32, "examples per evaluation batch")
     max_length: int = option(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
-    objective: str = option("loss", "what training minimises: loss (cross-entropy over the candidates, or the answer's "
-                          "negative log-likelihood), or for gradient-free methods (mezo) minus the minibatch accuracy "
-                          "(accuracy) or minus the token F1 of greedy answers (f1, generation tasks)",
-                          choices=("loss", "accuracy", "f1"))
+    objective: str = option("loss", lambda: "what training minimises: loss (cross-entropy over the candidates, or the "
+                          "answer's negative log-likelihood), or for gradient-free methods "
+                          f"({', '.join(gradient_free())}) minus the minibatch accuracy (accuracy) or minus the token "
+                          "F1 of greedy answers (f1, generation tasks)", choices=("loss", "accuracy", "f1"))
     max_new_tokens: int = option(16, "generation tasks: most tokens generated per answer (greedy, up to a newline)")
     save_every: int = option(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
     checkpoint: str = option("full", "what a checkpoint holds: full (every trained weight and optimizer state) or "
@@ -92,7 +95,7 @@ class TrainConfig:
                             f"{self.method} trains by gradients: use --checkpoint full")
         if self.objective != "loss" and not entry.method.gradient_free:
             raise UserError(f"--objective {self.objective} has no gradient: it needs a zeroth-order method that uses "
-                            f"no gradients (mezo), not {self.method}")
+                            f"no gradients ({', '.join(gradient_free())}), not {self.method}")
         if self.options.shards_weights and (self.checkpoint != "trajectory" or self.snapshot_every
                                                         or self.objective == "f1"):
             raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
@@ -108,6 +111,10 @@ class TrainConfig:
     def save(self, path: Path):
         # The version first: a file cut short keeps it, and load_run then finds the keys it lost.
         path.write_text(yaml.safe_dump({FORMAT_KEY: FORMAT, **self.to_dict()}, sort_keys=False))
+
+
+def gradient_free() -> list[str]:
+    return [name for name, entry in methods.METHODS.items() if entry.method.gradient_free]
 
 
 def run_fields() -> list[dataclasses.Field]:
@@ -130,13 +137,42 @@ def method_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
 
 
 def flat_names() -> set[str]:
-    return {f.name for f in run_fields()} | set(method_fields())
+    return {f.name for f in run_fields()} | set(method_fields()) | set(old_names())
+
+
+def renames(method: str) -> dict[str, str]:
+    """The older names of the method's options: old name -> current name."""
+    return methods.renames(methods.get(method).config)
+
+
+def old_names() -> dict[str, dataclasses.Field]:
+    """Every older option name of the registered methods that no method uses as a current name -> a field it
+    now names (for its type)."""
+    current = method_fields()
+    return {alias: f for uses in current.values() for _, f in uses for alias in f.metadata.get("aliases", ())
+            if alias not in current}
+
+
+def upgrade(values: dict, method: str) -> dict:
+    """``values`` with the method's older option names replaced by the current ones (the current name wins
+    when a file or command line gives both); older names of other methods' options are left, to be ignored."""
+    values = dict(values)
+    for alias, name in renames(method).items():
+        if alias in values:
+            values.setdefault(name, values.pop(alias))
+    return values
 
 
 def unused_options(config: TrainConfig, given) -> list[str]:
     """The flags among ``given`` option names that the config's method does not read."""
     own = {f.name for f in run_fields()} | {f.name for f in dataclasses.fields(config.options)}
-    return [flag(name) for name in sorted(set(given) - own)]
+    return [flag(name) for name in sorted(set(given) - own - set(renames(config.method)))]
+
+
+def renamed_options(config: TrainConfig, given) -> list[str]:
+    """A hint for each older option name among ``given`` that the config's method reads under a new name."""
+    return [f"{flag(alias)} is now {flag(name)} for {config.method}"
+            for alias, name in renames(config.method).items() if alias in given]
 
 
 def _types(f: dataclasses.Field) -> list[str]:
@@ -147,11 +183,6 @@ def _types(f: dataclasses.Field) -> list[str]:
 
 def _kind(f: dataclasses.Field) -> type:
     return {"int": int, "float": float, "bool": bool}.get(_types(f)[0], str)
-
-
-def _aliases() -> dict[str, str]:
-    return {alias: name for name, uses in method_fields().items() for _, f in uses
-            for alias in f.metadata.get("aliases", ())}
 
 
 def _convert(f: dataclasses.Field, value):
@@ -174,15 +205,14 @@ def from_mapping(values: dict) -> TrainConfig:
     """A config from flat option: value pairs (YAML, command line); options of other methods are ignored."""
     values = dict(values)
     values.pop(FORMAT_KEY, None)  # the file's version, not an option (load_yaml checked it)
-    for alias, name in _aliases().items():  # older option names; the current name wins when both are given
-        if alias in values:
-            values.setdefault(name, values.pop(alias))
     run = {f.name: f for f in run_fields()}
-    unknown = sorted(set(values) - set(run) - set(method_fields()))
+    unknown = sorted(set(values) - set(run) - set(method_fields()) - set(old_names()))
     if unknown:
         raise UserError(f"unknown config keys {unknown}; see zotune train --help")
     fields = {k: _convert(run[k], v) for k, v in values.items() if k in run}
-    entry = methods.get(fields.get("method", run["method"].default))
+    method = fields.get("method", run["method"].default)
+    entry = methods.get(method)
+    values = upgrade(values, method)
     own = {f.name: f for f in dataclasses.fields(entry.config)}
     options = entry.config(**{k: _convert(own[k], v) for k, v in values.items() if k in own})
     return TrainConfig(**fields, options=options)
@@ -282,8 +312,8 @@ def add_arguments(parser: argparse.ArgumentParser, fields=None):
     for name, uses in method_fields().items():
         first = uses[0][1]
         _add(group, name, _kind(first), _method_help(uses), _meta(first, "choices"))
-        for alias in first.metadata.get("aliases", ()):
-            _add(group, name, _kind(first), argparse.SUPPRESS, _meta(first, "choices"), [flag(alias)])
+    for alias, f in old_names().items():  # kept under their own names: what they mean depends on the method
+        _add(group, alias, _kind(f), argparse.SUPPRESS, _meta(f, "choices"))
 
 
 def from_args(args: argparse.Namespace, base: dict | None = None) -> TrainConfig:

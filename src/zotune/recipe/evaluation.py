@@ -94,7 +94,7 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
         else:
             message += f"; max difference {max((a - b).abs().max().item() for a, b in pairs):.3g}"
     elif all((place / ADAPTER_WEIGHTS[0]).is_file() for place in (folder / "adapter", target)):
-        message += _compare_adapters(target, folder / "adapter")  # an adapter trained alone (mezo --peft)
+        message += _compare_adapters(target, folder / "adapter")  # an adapter trained alone (--peft)
     return message
 
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from zotune.errors import UserError
+from zotune.recipe.config import from_mapping, load_run
 
 PANELS = (("loss", "training loss"), ("metric", "dev / test metric"), ("projected_grad", "projected gradient"),
           ("lr", "learning rate"))
@@ -18,11 +19,14 @@ def has_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def read_run(folder: Path) -> dict:
-    """A run folder's settings, result and metrics rows (unreadable rows are skipped)."""
+def read_run(folder: Path | str) -> dict:
+    """A run folder (``zotune.read_run``): ``config`` (its :class:`~zotune.recipe.config.TrainConfig`, older
+    config files upgraded; None without config.yaml), ``result`` (result.json; empty while the run is
+    unfinished) and ``rows`` (metrics.jsonl, one dict per logged step; unreadable rows are skipped)."""
     folder = Path(folder)
     if not (folder / "metrics.jsonl").is_file():
         raise UserError(f"{folder} is not a zotune run folder (no metrics.jsonl)")
+    config = from_mapping(load_run(folder)) if (folder / "config.yaml").is_file() else None
     rows = []
     for line in (folder / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
@@ -35,7 +39,7 @@ def read_run(folder: Path) -> dict:
             result = json.loads((folder / "result.json").read_text())
         except ValueError:
             raise UserError(f"{folder / 'result.json'} is damaged") from None
-    return {"name": folder.name, "folder": folder, "rows": rows, "result": result}
+    return {"name": folder.name, "folder": folder, "config": config, "rows": rows, "result": result}
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -26,9 +26,10 @@ from zotune.assets import models
 from zotune.recipe import report
 from zotune import tasks
 from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
-from zotune.recipe.config import TrainConfig, from_mapping, load_run
+from zotune.recipe.config import TrainConfig, from_mapping, load_run, upgrade
 from zotune.engine import distributed
 from zotune.errors import UserError
+from zotune.methods.registry import RATES, flag
 from zotune.tasks.scoring import Scorer, evaluate, loss_function, metric_of
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
@@ -85,6 +86,7 @@ def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
         raise UserError(f"--resume {run_dir}: no run there (no config.yaml)")
     values = load_run(Path(run_dir))
     saved = from_mapping(values).to_dict()
+    overrides = upgrade(overrides, saved["method"])  # --lr and the like, read as the run's method reads them
     resumed = from_mapping({**values, **overrides, "output": run_dir})
     # Compared after parsing: an option the run's method does not use, or one given at its saved value, is no change.
     now = resumed.to_dict()
@@ -110,7 +112,7 @@ class Run:
         device = "cpu" if config.options.streams_blocks else (parallel.device.type if parallel is not None else None)
         model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind, device=device)
         # The method wraps the model if it needs to (LoRA): score what it trains.
-        self.method = methods.get(config.method).method(model, config.options, seed=config.seed, steps=config.steps)
+        self.method = methods.build(config.method, model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model
         self.method.distribute(parallel)
         # A sharded model's forwards are collectives: every rank scores every example, in step.
@@ -218,7 +220,8 @@ class Run:
         except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
             raise UserError(str(error)) from None
         if not math.isfinite(record["loss"]):
-            raise UserError(f"the training loss became {record['loss']} at step {step + 1}: lower --lr")
+            rates = " or ".join(flag(rate) for rate in RATES if hasattr(self.config.options, rate))
+            raise UserError(f"the training loss became {record['loss']} at step {step + 1}: lower {rates}")
         return {"step": step + 1, **record}
 
     def run(self) -> dict:

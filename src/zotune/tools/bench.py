@@ -26,8 +26,8 @@ VARIANTS = {variant: (name, overrides) for name in registry.names()
 # Rows that stream the blocks from host memory.
 OFFLOADED = {name for name, (method, overrides) in VARIANTS.items()
              if registry.get(method).config(**overrides).streams_blocks}
-# ft last: it may run out of memory.
-DEFAULT_METHODS = ("forward", "mezo", "mezo-reference", "lmao", "hzo", "lora-ft", "ft")
+# The registry's order: from the least memory to the most (a method that runs out of it comes last).
+DEFAULT_METHODS = (FORWARD, REFERENCE, *registry.names())
 OUT_OF_MEMORY = "out of memory"
 BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what they were
 # (hidden, layers, heads, ffn) of the OPT family; vocab 50272 and 2048 positions throughout.
@@ -159,7 +159,7 @@ def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str =
     config = build_config(model_name)
     # Offloaded rows stream the blocks from host memory: there a model larger than the GPU fits.
     home = "cpu" if all(m in OFFLOADED for m in methods) else device
-    # LoRA's init and dropout draw from the global RNG: fork it so the caller's stream is untouched.
+    # The random weights and dropout draw from the global RNG: fork it so the caller's stream is untouched.
     with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
         torch.manual_seed(0)
         model = random_model(config, DTYPES[dtype], home)
@@ -227,8 +227,8 @@ def _run_method(name, model, loss, meter, home) -> dict:
         return meter(lambda: reference_mezo_step(params, loss, seed=0))
     method, overrides = VARIANTS.get(name, (name, {}))
     entry = registry.get(method)
-    if "lr" in {f.name for f in dataclasses.fields(entry.config)}:
-        overrides = {"lr": BENCH_LR, **overrides}
+    rates = {f.name for f in dataclasses.fields(entry.config)} & set(registry.RATES)
+    overrides = {**dict.fromkeys(rates, BENCH_LR), **overrides}
     # The meter runs a warm-up step and then `repeats` steps: a schedule over exactly those.
     trainer = entry.method(model, entry.config(**overrides), seed=0, steps=meter.repeats + 1)
     try:
@@ -259,9 +259,11 @@ def _device_name(device: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A markdown table; time is also given relative to two forwards, and to LoRA-FT when it ran."""
-    columns = [("× 2 forwards", FORWARD)] + ([("× lora-ft", "lora-ft")] if any(r["method"] == "lora-ft" for r in rows)
-                                             else [])
+    """A markdown table; time is also given relative to two forwards, and to the methods that declare themselves
+    a yardstick (:attr:`zotune.methods.Method.bench_yardstick`) when they ran."""
+    ran = {r["method"] for r in rows}
+    columns = [("× 2 forwards", FORWARD)] + [(f"× {name}", name) for name in registry.names()
+                                             if registry.get(name).method.bench_yardstick and name in ran]
     header = ["model", "params", "method", "batch × length", "dtype", "time/step (ms)", *(c for c, _ in columns),
               "peak (GiB)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -13,16 +13,16 @@ from zotune.tools import memory
 from zotune.recipe.train import train
 
 # HZO, 3 first-order blocks: 84.7 % after 120 steps of 8 (BENCHMARKS.md, "HZO against LoRA-FT").
-DEMO = dict(model="smollm2", task="rt-sst2", method="hzo", steps=120, batch_size=8, lr=1e-3, deep_blocks=3,
+DEMO = dict(model="smollm2", task="rt-sst2", method="hzo", steps=120, batch_size=8, lr_fo=1e-3, deep_blocks=3,
             n_train=1000, n_dev=0, n_test=300, eval_batch_size=32, output="runs/demo", overwrite=True)
 # bench row -> (memory row, the method's settings, test accuracy after 120 steps of 8 on rt-sst2,
 # from benchmarks/hzo_vs_lora.sh and compare_methods.sh: BENCHMARKS.md, 2026-11-26)
 SIDE_BY_SIDE = {
     "forward": ("inference", "two forwards, no training", "47.0 % (zero-shot)"),
-    "mezo": ("mezo", "--lr 1e-6 --eps 1e-3", "48.0 %"),
-    "lora-ft": ("lora-ft", "--lr 5e-4", "86.0 %"),
-    "lmao": ("lmao", "--lr 5e-4 --lr-base 1e-6", "86.3 %"),
-    "hzo-k3": ("hzo", "--lr 1e-3 --deep-blocks 3", "84.7 %"),
+    "mezo": ("mezo", "--lr-zo 1e-6 --eps 1e-3", "48.0 %"),
+    "lora-ft": ("lora-ft", "--lr-fo 5e-4", "86.0 %"),
+    "lmao": ("lmao", "--lr-fo 5e-4 --lr-zo 1e-6", "86.3 %"),
+    "hzo-k3": ("hzo", "--lr-fo 1e-3 --deep-blocks 3", "84.7 %"),
 }
 BATCH, LENGTH = 4, 64  # small: the side-by-side is a glance at relative cost, not a benchmark
 

@@ -146,7 +146,7 @@ def test_fp16_run_resumes_bit_identically(tiny_model_dir, tmp_path, monkeypatch,
     from zotune.recipe.train import Interrupted, Run, resume_config, train
 
     from ..conftest import stop_after
-    from ..test_train import config
+    from ..recipe.test_train import config
 
     options = dict(method=method, dtype="fp16", lr=1e-3, zero_shot=False, eval_every=0, n_test=2, checkpoint=checkpoint)
     train(config(tiny_model_dir, tmp_path / "straight", **options))

@@ -1,8 +1,6 @@
 """A training step waits for the device once: the closures read only device tensors made
 before the step, and the methods read their losses in one transfer (tests/host_sync.py)."""
 
-import dataclasses
-
 import pytest
 
 from zotune import methods
@@ -12,10 +10,6 @@ from zotune.tasks.scoring import Scorer, loss_function
 
 from ..host_sync import HostSync
 
-
-def rates(config: type, value: float) -> dict:
-    """Every learning rate the config declares, at ``value``."""
-    return {f.name: value for f in dataclasses.fields(config) if f.name in methods.RATES}
 
 WORDS = ["the film is good", "a dull story", "lovely actors"]
 TASK = tasks.Task("toy", "{text} It was", ["terrible", "great"],
@@ -48,7 +42,7 @@ def test_a_step_reads_the_device_once_and_copies_nothing_from_the_host(tiny, var
     name, options, reads = STEPS[variant]
     model, tokenizer, kind = models.load(tiny, device="cpu")
     entry = methods.get(name)
-    method = entry.method(model, entry.config(**rates(entry.config, 1e-3), **options), seed=0, steps=10)
+    method = entry.method(model, entry.config(**dict.fromkeys(entry.config.rates(), 1e-3), **options), seed=0, steps=10)
     scorer = Scorer(method.model, tokenizer, TASK.candidates, kind)
     for step in range(2):  # the first zeroth-order step also probes for weights read outside their modules
         closure = loss_function(scorer, TASK, TASK.train_pool[4 * step: 4 * step + 4])

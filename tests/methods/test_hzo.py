@@ -7,7 +7,7 @@ from zotune.methods.hzo import split_parameters
 from zotune.recipe.train import train
 
 from ..conftest import lm_closure, snapshot, tiny_model
-from ..test_train import config
+from ..recipe.test_train import config
 
 
 def test_the_last_blocks_norm_and_head_are_first_order():

@@ -111,3 +111,12 @@ def test_resume_is_bit_identical():
 def test_needs_adapters():
     with pytest.raises(ValueError, match="LoRA adapters"):
         zotune.LMAO(tiny_model("llama"))
+
+
+def test_the_previous_keywords_still_work_and_name_the_new_ones():
+    model = lora_model("llama")
+    with pytest.warns(FutureWarning, match="LMAO's lr_lora is now lr_fo"):
+        optimizer = zotune.LMAO(model, lr_lora=3e-3, lr_base=2e-6)
+    assert (optimizer.fo.param_groups[0]["lr"], optimizer.zo.param_groups[0]["lr"]) == (3e-3, 2e-6)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lr_adapters'"):
+        zotune.LMAO(model, lr_adapters=1e-3)

@@ -17,7 +17,7 @@ from zotune.methods.adapters import add_adapters, init_prefix, prefix_weight
 from zotune.recipe.train import Interrupted, Run, resume_config, train
 
 from ..conftest import VOCAB, stop_after, tiny_model
-from ..test_train import config
+from ..recipe.test_train import config
 
 
 # -- options and defaults ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ without copies of the weights, so it adds nothing to the FO phase's peak.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from zotune.methods.footprint import Footprint, Row
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import ZOConfig, projected_grad, zo_options
 from zotune.methods.registry import Method, check_positive, option, save_model, settings_errors
+
+
+RENAMED = {"lr_lora": "lr_fo", "lr_base": "lr_zo"}
 
 
 class LMAO(Hybrid):
@@ -48,7 +52,12 @@ class LMAO(Hybrid):
     def __init__(self, model, lr_fo: float = 1e-5, lr_zo: float = 1e-6, eps: float = 1e-3,
                  weight_decay: float = 0.0, lora_weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  n_samples: int = 1, seed: int = 0, direction="gaussian", estimator: str = "spsa",
-                 stochastic_rounding: bool = True, stacked: bool = False, merge: str = "step"):
+                 stochastic_rounding: bool = True, stacked: bool = False, merge: str = "step", **renamed: float):
+        for old, value in renamed.items():  # the previous release's keywords keep working, with a pointer
+            if old not in RENAMED:
+                raise TypeError(f"LMAO() got an unexpected keyword argument {old!r}")
+            warnings.warn(f"LMAO's {old} is now {RENAMED[old]}", FutureWarning, stacklevel=2)
+        lr_fo, lr_zo = renamed.get("lr_lora", lr_fo), renamed.get("lr_base", lr_zo)
         self.model = model
         named = list(model.named_parameters())
         adapters = [(n, p) for n, p in named if is_adapter(n)]

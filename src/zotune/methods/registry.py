@@ -77,7 +77,13 @@ class MethodConfig:
 
     def __post_init__(self):
         check_choices(self)
-        check_non_negative(self, *(rate for rate in RATES if hasattr(self, rate)), "weight_decay")
+        check_non_negative(self, *self.rates(), "weight_decay")
+
+    @classmethod
+    def rates(cls) -> list[str]:
+        """The learning rates this config declares, of :data:`RATES`."""
+        declared = {f.name for f in dataclasses.fields(cls)}
+        return [rate for rate in RATES if rate in declared]
 
     @property
     def streams_blocks(self) -> bool:

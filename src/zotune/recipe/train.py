@@ -29,7 +29,7 @@ from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
 from zotune.recipe.config import TrainConfig, from_mapping, load_run, upgrade
 from zotune.engine import distributed
 from zotune.errors import UserError
-from zotune.methods.registry import RATES, flag
+from zotune.methods.registry import flag
 from zotune.tasks.scoring import Scorer, evaluate, loss_function, metric_of
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
@@ -220,7 +220,7 @@ class Run:
         except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
             raise UserError(str(error)) from None
         if not math.isfinite(record["loss"]):
-            rates = " or ".join(flag(rate) for rate in RATES if hasattr(self.config.options, rate))
+            rates = " or ".join(flag(rate) for rate in self.config.options.rates())
             raise UserError(f"the training loss became {record['loss']} at step {step + 1}: lower {rates}")
         return {"step": step + 1, **record}
 

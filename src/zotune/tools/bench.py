@@ -4,7 +4,6 @@ models built from configs (memory and speed do not depend on the weights)."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import traceback
@@ -227,8 +226,7 @@ def _run_method(name, model, loss, meter, home) -> dict:
         return meter(lambda: reference_mezo_step(params, loss, seed=0))
     method, overrides = VARIANTS.get(name, (name, {}))
     entry = registry.get(method)
-    rates = {f.name for f in dataclasses.fields(entry.config)} & set(registry.RATES)
-    overrides = {**dict.fromkeys(rates, BENCH_LR), **overrides}
+    overrides = {**dict.fromkeys(entry.config.rates(), BENCH_LR), **overrides}
     # The meter runs a warm-up step and then `repeats` steps: a schedule over exactly those.
     trainer = entry.method(model, entry.config(**overrides), seed=0, steps=meter.repeats + 1)
     try:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from zotune.engine import distributed
 from zotune.errors import UserError
 
-from .test_train import DATA
+from .recipe.test_train import DATA
 
 CHILD = Path(__file__).with_name("distributed_child.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}

@@ -6,7 +6,7 @@ import sys
 import zotune
 from zotune.recipe.train import train
 
-from .test_train import config
+from .recipe.test_train import config
 
 PUBLIC = ["Dense", "Direction", "HZO", "LMAO", "LowRank", "MeZO", "Trajectory", "TrajectoryStep", "ZOTrainer",
           "__version__", "decay_groups", "read_run", "replay"]

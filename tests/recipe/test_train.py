@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from zotune.recipe.config import from_mapping
 from zotune.recipe.train import Interrupted, Run, resume_config, train
 
-from .conftest import DATA, stop_after
+from ..conftest import DATA, stop_after
 
 
 def config(model_dir, out, **extra):
@@ -121,7 +121,7 @@ def test_library_run_leaves_the_global_rng_alone(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["mezo", "lora-ft"])
 def test_masked_lm_trains_and_evaluates(tmp_path, method):
-    from .conftest import save_tiny_model
+    from ..conftest import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "bert", masked=True)
     result = train(config(model_dir, tmp_path / "run", method=method, lr=LRS[method], steps=2,

@@ -17,7 +17,7 @@ from zotune.recipe.train import train
 
 from .test_train import DATA, LRS, config, final_weights
 
-CHILD = Path(__file__).with_name("kill_child.py")
+CHILD = Path(__file__).parents[1] / "kill_child.py"
 # name: (method, options); all save every 2 of 6 steps.
 RUNS = {
     "mezo": ("mezo", {}),
@@ -116,7 +116,7 @@ def test_every_file_of_an_interrupted_run_damaged_in_turn_is_one_line(tiny_model
     from .test_checkpoint import _interrupted_run
 
     pristine = tmp_path / "pristine"
-    monkeypatch.setattr("tests.test_checkpoint.config",
+    monkeypatch.setattr("tests.recipe.test_checkpoint.config",
                         lambda *a, **k: config(*a, **{**k, "checkpoint": mode, "snapshot_every": 1}))
     _interrupted_run(tiny_model_dir, pristine, monkeypatch)
     files = sorted(p.relative_to(pristine) for p in pristine.rglob("*") if p.is_file())

@@ -10,7 +10,7 @@ from zotune.assets import models
 from zotune.assets.cache import file_sha256
 from zotune.errors import UserError
 
-from .test_cli import CSV_TASK
+from ..test_cli import CSV_TASK
 
 WORDS = ("Ġgreat", "Ġterrible", "ĠIt", "Ġwas")  # whole tokens, so the verbalisers are one token each
 

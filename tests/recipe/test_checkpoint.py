@@ -10,7 +10,7 @@ from zotune import cli
 from zotune.recipe.checkpoint import load_state, save_state
 from zotune.recipe.train import Run, train
 
-from .conftest import stop_after
+from ..conftest import stop_after
 from .test_train import config, final_weights
 
 

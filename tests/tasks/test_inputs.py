@@ -7,7 +7,7 @@ from zotune.assets import models
 from zotune.errors import UserError
 from zotune.tasks.scoring import Scorer
 
-from .conftest import save_tiny_model, tiny_model
+from ..conftest import save_tiny_model, tiny_model
 
 
 def test_a_folder_without_a_usable_tokenizer_is_refused(tmp_path):
@@ -36,7 +36,7 @@ def test_an_empty_test_pool_is_refused(tmp_path):
     from zotune import tasks
     from zotune.recipe.config import from_mapping
 
-    from .conftest import DATA
+    from ..conftest import DATA
 
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")

@@ -11,7 +11,7 @@ def test_the_side_by_side_has_a_measured_row_per_method(tmp_path, capsys):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == name
         seconds, ratio, peak_here, peak_gpu = map(float, cells[2:6])
-        # A tiny model's peaks round to 0.00 GiB; tests/test_bench.py checks the measured peak itself.
+        # A tiny model's peaks round to 0.00 GiB; tests/tools/test_bench.py checks the measured peak itself.
         assert seconds > 0 and peak_here >= 0 and peak_gpu >= 0
         assert ratio == 1.0 if name == "forward" else ratio > 0
     assert "side by side" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from zotune.errors import UserError
 from zotune.methods import HZOConfig, HZOMethod, MeZOConfig, MeZOMethod
 from zotune.methods.footprint import host_bytes, slot_bytes, stacked_copies
 
-from .conftest import tiny_model
+from ..conftest import tiny_model
 
 
 def test_the_meta_model_is_counted_like_the_real_one():
@@ -119,7 +119,7 @@ def test_the_adamw_term_is_what_the_optimizer_holds(monkeypatch, dtype):
 
     from zotune.methods import FT, FTConfig
 
-    from .conftest import lm_closure
+    from ..conftest import lm_closure
 
     model = tiny_model("llama", {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
     ft = FT(model, FTConfig(lr_fo=1e-4))

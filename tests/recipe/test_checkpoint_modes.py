@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from zotune.recipe.train import Run, train
 
-from .conftest import stop_after
+from ..conftest import stop_after
 from .test_checkpoint import assert_one_line_error
 from .test_train import LRS, VARIANTS, config, final_weights
 

@@ -12,9 +12,9 @@ from zotune.tasks.metrics import exact_match, token_f1
 from zotune.tasks.scoring import Scorer, evaluate, loss_function
 from zotune.recipe.train import train
 
-from .conftest import save_tiny_model
+from ..conftest import save_tiny_model
 from .test_scoring import reference_score
-from .test_train import config
+from ..recipe.test_train import config
 
 WORDS = ["the film is good", "a dull story", "it was", "the plot is weak", "lovely actors", "a moving story"]
 

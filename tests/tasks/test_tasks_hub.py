@@ -13,7 +13,7 @@ from zotune.tasks import hub as tasks_hub
 from zotune.recipe.config import TrainConfig
 from zotune.errors import UserError
 
-from .conftest import DATA
+from ..conftest import DATA
 
 HUB = DATA / "hub"
 # task -> (format, train examples, test examples)

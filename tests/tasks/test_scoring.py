@@ -6,7 +6,7 @@ from zotune.errors import UserError
 from zotune.tasks.scoring import Scorer, evaluate
 from zotune.tasks.catalogue import Example, Task
 
-from .conftest import save_tiny_model
+from ..conftest import save_tiny_model
 
 
 def reference_score(model, tokenizer, prompt, word):

@@ -11,7 +11,7 @@ import pytest
 from zotune.tools import bench
 from zotune.core import kernels
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import pytest
 
 from zotune import cli
 from .test_checkpoint import _interrupted_run
-from .test_cli import CSV_TASK
+from ..test_cli import CSV_TASK
 
 
 def truncate(path: Path):  # a full disk, an interrupted copy

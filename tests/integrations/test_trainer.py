@@ -195,7 +195,7 @@ def ddp_worker(out: str) -> None:
 @pytest.mark.slow
 def test_ddp_processes_take_the_same_steps(tmp_path):
     """Two CPU processes (gloo), each with its half of the batches: one loss value for all, so one update."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     __file__, str(tmp_path)], env={**os.environ, "PYTHONPATH": root}, check=True, timeout=600,
                    capture_output=True)

@@ -9,8 +9,8 @@ from zotune import cli, methods
 from zotune.recipe import config as cfg
 from zotune.recipe.train import Interrupted, train
 
-from .conftest import stop_after
-from .test_cli import CSV_TASK
+from ..conftest import stop_after
+from ..test_cli import CSV_TASK
 from .test_train import config
 
 

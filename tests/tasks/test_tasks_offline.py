@@ -15,8 +15,8 @@ from zotune.tasks import offline as tasks_offline
 from zotune.recipe.config import TrainConfig
 from zotune.errors import UserError
 
-from .conftest import DATA
-from .test_assets import _downloader
+from ..conftest import DATA
+from ..assets.test_assets import _downloader
 
 OFFLINE = DATA / "offline"
 NAMES = ("rt-sst5", "rt-subj", "tweet-3", "rt-movie-qa")

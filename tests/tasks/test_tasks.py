@@ -4,7 +4,7 @@ from zotune import tasks
 from zotune.recipe.config import TrainConfig
 from zotune.errors import UserError
 
-from .conftest import DATA
+from ..conftest import DATA
 
 
 def csv_config(**extra):

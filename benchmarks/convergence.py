@@ -1,0 +1,200 @@
+"""Forward-only convergence: test accuracy against example-forwards, one curve per recipe.
+
+An example-forward is one example through one forward pass: a MeZO step of batch 16 with
+two-point SPSA costs 32, a stacked forward counts the examples it carries. Budgets are in
+example-forwards, not steps, so that recipes with more points per step pay for them.
+
+Every run trains the default model on ``--task`` (1,000 training examples drawn with the
+run's seed) and is scored on the same 300 test sentences for every seed (the draw of seed
+0), at each budget. Runs live in ``runs/convergence/TASK/LABEL/seedS``, checkpoint every
+25 steps (kilobyte trajectory checkpoints for the zeroth-order recipes) and resume where
+they stopped when the same command runs again, so a long curve spans sessions.
+
+    python benchmarks/convergence.py run mezo --seed 0 --set lr_zo=1e-5       # one curve
+    python benchmarks/convergence.py grid mezo --lr-zo 1e-6,1e-5,1e-4 --eps 1e-3,1e-2 --budget 4000
+    python benchmarks/convergence.py table                                     # JSON, Markdown, plot
+
+``table`` reads every run folder and writes ``benchmarks/results/convergence.json``, a
+Markdown table (stdout) and ``benchmarks/results/convergence.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zotune import tasks
+from zotune.core.estimate import get as estimator
+from zotune.recipe.config import from_mapping
+from zotune.recipe.train import Run, prepare_output
+
+ROOT = Path("runs/convergence")
+RESULTS = Path(__file__).parent / "results"
+BUDGETS = (4_000, 8_000, 16_000, 32_000)
+COMMON = dict(model="smollm2", n_train=1000, n_dev=0, n_test=300, batch_size=16, eval_batch_size=32, max_length=64,
+              zero_shot=False, save_every=25, progress=False)
+# name -> the options of `zotune train` (searched ones are set with --set or by `grid`)
+RECIPES = {
+    "mezo": dict(method="mezo", eps=1e-3),  # the paper's MeZO: dense Gaussian, SPSA, every weight
+    "mezo-lora": dict(method="mezo", peft="lora"),
+    "mezo-prefix": dict(method="mezo", peft="prefix"),
+    "fzoo": dict(method="mezo", estimator="fzoo", direction="rademacher", n_samples=4, stacked=True),
+    "lora-ft": dict(method="lora-ft", lr_fo=5e-4),  # the first-order yardstick: its wall-clock to 80 %
+}
+
+
+def examples_per_step(values: dict) -> int:
+    """Example-forwards of one step: the batch times the points the estimator evaluates (first order: one
+    forward; its backward is not a forward)."""
+    if values["method"] != "mezo":
+        return values["batch_size"]
+    return values["batch_size"] * len(estimator(values.get("estimator", "spsa")).plan(values.get("n_samples", 1)))
+
+
+class CurveRun(Run):
+    """A run scored on the fixed test sentences whenever it has spent a budget."""
+
+    def __init__(self, config, resume: bool, budgets: dict[int, int], cost: int):
+        super().__init__(config, resume)
+        fixed = tasks.sample(self.task, config.n_train, 0, config.n_test, seed=0).test
+        self.split = tasks.Split(self.split.train, self.split.dev, fixed)
+        self.budgets, self.cost = budgets, cost
+
+    def log(self, record: dict):
+        budget = self.budgets.get(record.get("step"))
+        if budget is not None:
+            record["test_accuracy"] = self.evaluate(self.split.test, "test")["score"]
+            record["example_forwards"] = record["step"] * self.cost
+            record["train_seconds"] = round(self.state["train_seconds"], 2)
+            print(f"  {self.out}: {record['example_forwards']} example-forwards, test accuracy "
+                  f"{record['test_accuracy']:.3f} ({record['train_seconds']:.0f} s)", flush=True)
+        super().log(record)
+
+
+def label_of(recipe: str, settings: dict) -> str:
+    return recipe + "".join(f",{k}={v}" for k, v in sorted(settings.items()))
+
+
+def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets) -> Path:
+    values = {**COMMON, **RECIPES[recipe], **settings, "task": task, "seed": seed}
+    cost = examples_per_step(values)
+    steps = {math.ceil(budget / cost): budget for budget in budgets}
+    out = ROOT / task / label_of(recipe, settings) / f"seed{seed}"
+    values.update(steps=max(steps), output=str(out),
+                  checkpoint="trajectory" if values["method"] == "mezo" else "full")
+    config = from_mapping(values)
+    if (out / "result.json").is_file():
+        return out
+    resume = (out / "checkpoint").is_dir() or (out / "checkpoint.old").is_dir()
+    if not resume:
+        prepare_output(config, overwrite=True)
+    print(f"{out}: {max(steps)} steps of {cost} example-forwards{' (resumed)' if resume else ''}", flush=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CurveRun(config, resume, steps, cost).run()
+    return out
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        settings[key.replace("-", "_")] = value
+    return settings
+
+
+def read_curves() -> list[dict]:
+    curves = []
+    for metrics in sorted(ROOT.glob("*/*/seed*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        points = [{k: row[k] for k in ("example_forwards", "test_accuracy", "train_seconds")}
+                  for row in rows if "example_forwards" in row]
+        run = metrics.parent
+        curves.append({"task": run.parents[1].name, "label": run.parent.name, "seed": int(run.name[4:]),
+                       "finished": (run / "result.json").is_file(), "points": points})
+    return curves
+
+
+def table(curves: list[dict]) -> str:
+    budgets = sorted({p["example_forwards"] for c in curves for p in c["points"]})
+    lines = [f"| task | recipe | seed | {' | '.join(f'{b:,}' for b in budgets)} | s to last |",
+             "|---|---|---|" + "---|" * len(budgets) + "---|"]
+    for c in curves:
+        at = {p["example_forwards"]: p for p in c["points"]}
+        cells = [f"{at[b]['test_accuracy']:.1%}" if b in at else "" for b in budgets]
+        last = f"{c['points'][-1]['train_seconds']:.0f}" if c["points"] else ""
+        lines.append(f"| {c['task']} | {c['label']} | {c['seed']} | {' | '.join(cells)} | {last} |")
+    return "\n".join(lines)
+
+
+def plot(curves: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks_seen = sorted({c["task"] for c in curves})
+    figure, axes = plt.subplots(1, len(tasks_seen), figsize=(7 * len(tasks_seen), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks_seen):
+        for label, group in itertools.groupby(sorted((c for c in curves if c["task"] == task),
+                                                     key=lambda c: c["label"]), key=lambda c: c["label"]):
+            group = list(group)
+            budgets = sorted({p["example_forwards"] for c in group for p in c["points"]})
+            means = [sum(p["test_accuracy"] for c in group for p in c["points"] if p["example_forwards"] == b)
+                     / sum(1 for c in group for p in c["points"] if p["example_forwards"] == b) for b in budgets]
+            axis.plot(budgets, means, marker="o", label=f"{label} ({len(group)} seed{'s' * (len(group) > 1)})")
+        axis.set(xscale="log", xlabel="example-forwards", ylabel="test accuracy", title=task)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("run", help="one curve (resumes an unfinished one)")
+    one.add_argument("recipe", choices=RECIPES)
+    one.add_argument("--task", default="rt-sst2")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="zotune train options")
+    one.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    grid = commands.add_parser("grid", help="every combination of the given options, at one budget")
+    grid.add_argument("recipe", choices=RECIPES)
+    grid.add_argument("--task", default="rt-sst2")
+    grid.add_argument("--seed", type=int, default=0)
+    grid.add_argument("--budget", type=int, default=BUDGETS[0])
+    grid.add_argument("--lr-zo", default="")
+    grid.add_argument("--lr-fo", default="")
+    grid.add_argument("--eps", default="")
+    commands.add_parser("table", help="results JSON, Markdown table and plot from every run folder")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        train_curve(args.task, args.recipe, parse_settings(args.set), args.seed,
+                    [int(b) for b in args.budgets.split(",")])
+    elif args.command == "grid":
+        axes = {name: values.split(",") for name, values in
+                (("lr_zo", args.lr_zo), ("lr_fo", args.lr_fo), ("eps", args.eps)) if values}
+        for combination in itertools.product(*axes.values()):
+            begin = time.perf_counter()
+            train_curve(args.task, args.recipe, dict(zip(axes, combination)), args.seed, [args.budget])
+            print(f"  ({time.perf_counter() - begin:.0f} s)", flush=True)
+    else:
+        curves = read_curves()
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "convergence.json").write_text(json.dumps(curves, indent=1))
+        print(table(curves))
+        plot(curves, RESULTS / "convergence.png")
+        print(f"wrote {RESULTS / 'convergence.json'} and {RESULTS / 'convergence.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

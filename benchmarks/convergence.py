@@ -43,6 +43,8 @@ COMMON = dict(model="smollm2", n_train=1000, n_dev=0, n_test=300, batch_size=16,
 # name -> the options of `zotune train` (searched ones are set with --set or by `grid`)
 RECIPES = {
     "mezo": dict(method="mezo", eps=1e-3),  # the paper's MeZO: dense Gaussian, SPSA, every weight
+    "mezo-sparse": dict(method="mezo", direction="sparse", sparse_fraction=0.25, eps=1e-3),
+    "mezo-momentum": dict(method="mezo", eps=1e-3, momentum=0.9, momentum_window=8),
     "mezo-lora": dict(method="mezo", peft="lora"),
     "mezo-prefix": dict(method="mezo", peft="prefix"),
     "fzoo": dict(method="mezo", estimator="fzoo", direction="rademacher", n_samples=4, stacked=True),

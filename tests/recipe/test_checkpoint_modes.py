@@ -11,11 +11,14 @@ from .test_checkpoint import assert_one_line_error
 from .test_train import LRS, VARIANTS, config, final_weights
 
 # Factored low-rank updates merged every 2 steps: resume must rebuild the factors of the snapshot's interval.
-LOW_RANK = {"mezo-lowrank": ("mezo", {"direction": "lowrank", "merge": "resample", "resample_every": 2})}
+# Sparse directions with momentum: the mask comes from the weights, the echoes reach back before a snapshot.
+LOW_RANK = {"mezo-lowrank": ("mezo", {"direction": "lowrank", "merge": "resample", "resample_every": 2}),
+            "mezo-sparse-momentum": ("mezo", {"direction": "sparse", "momentum": 0.9, "momentum_window": 3})}
 
 
 @pytest.mark.parametrize("snapshot_every", [0, 3])
-@pytest.mark.parametrize("variant", ["mezo", "lmao", "hzo", "mezo-offload", "hzo-offload", "mezo-lowrank"])
+@pytest.mark.parametrize("variant", ["mezo", "lmao", "hzo", "mezo-offload", "hzo-offload", "mezo-lowrank",
+                                     "mezo-sparse-momentum"])
 def test_trajectory_checkpoints_resume_bit_identically(tiny_model_dir, tmp_path, monkeypatch, variant, snapshot_every):
     method, options = {**VARIANTS, **LOW_RANK}.get(variant, (variant, {}))
     options = {"lr": LRS[method], "steps": 7, "zero_shot": False, **options}

@@ -40,7 +40,7 @@ def test_the_command_line_reads_an_old_spelling_and_names_the_new_one(tiny_model
     assert notes == ["zotune: note: --lr is now --lr-fo for lmao; --lr-base is now --lr-zo for lmao (the old "
                      "spelling still works)"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["lr_fo"], saved["lr_zo"], saved[cfg.FORMAT_KEY]) == (1e-3, 1e-5, 4)
+    assert (saved["lr_fo"], saved["lr_zo"], saved[cfg.FORMAT_KEY]) == (1e-3, 1e-5, cfg.FORMAT)
     assert "lr" not in saved and "lr_base" not in saved
     # --lr-base names lmao's rate: to mezo it is another method's option, which changes nothing.
     args = [*args[:-8], "--output", str(tmp_path / "mezo"), "--lr-base", "1e-5"]
@@ -55,10 +55,11 @@ def test_a_run_folder_of_the_previous_format_resumes_evaluates_and_replays(tiny_
     with pytest.raises(Interrupted, match="--resume"):
         train(config(tiny_model_dir, out, method="lmao", lr_fo=1e-2, lr_zo=1e-2, zero_shot=False, steps=2,
                      eval_every=0))
-    # What the previous release wrote: format 3, the rates under their old names.
+    # What the previous release wrote: format 3, the rates under their old names, no sparse directions yet.
     values = yaml.safe_load((out / "config.yaml").read_text())
-    assert values.pop(cfg.FORMAT_KEY) == cfg.FORMAT == 4
+    assert values.pop(cfg.FORMAT_KEY) == cfg.FORMAT
     values["lr"], values["lr_base"] = values.pop("lr_fo"), values.pop("lr_zo")
+    del values["sparse_fraction"]  # newer than format 3
     (out / "config.yaml").write_text(yaml.safe_dump({cfg.FORMAT_KEY: 3, **values}, sort_keys=False))
     monkeypatch.undo()
     capsys.readouterr()

@@ -119,6 +119,45 @@ class Dense(Direction):
             weight.detach().copy_(flat.view_as(weight))
 
 
+class Sparse(Direction):
+    """Dense z on the smallest-magnitude ``fraction`` of each tensor's elements (Sparse-MeZO), 0 elsewhere.
+
+    The mask comes from the weights themselves at the step (|w| at or below the tensor's
+    ``fraction`` quantile, estimated from an evenly strided sample of at most 65,536 of its
+    elements), so nothing is stored: the forwards and the update of one step see the same
+    weights and so the same mask, and replay rebuilds it. Weight decay applies where z does.
+    Extra memory: a bool mask, and during the update a copy of the tensor being updated.
+    """
+
+    SAMPLE = 65_536
+
+    def __init__(self, distribution: str = "gaussian", fraction: float = 0.25):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        self._dense = Dense(distribution)
+        self.fraction = float(fraction)
+        self.spec = {"kind": "sparse", "distribution": distribution, "fraction": self.fraction}
+
+    def mask(self, weight: torch.Tensor) -> torch.Tensor:
+        magnitude = weight.detach().abs()
+        flat = magnitude.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // self.SAMPLE)].float()
+        threshold = sample.kthvalue(max(1, round(self.fraction * sample.numel()))).values
+        return magnitude <= threshold.to(magnitude.dtype)
+
+    def perturbed(self, weight, key, draw, eps, out=None):
+        mask = self.mask(weight)
+        values = self._dense.perturbed(weight, key, draw, eps, out)
+        return torch.where(mask, values, weight.detach(), out=values)
+
+    def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed, start: int = 0):
+        if start:
+            raise ValueError(f"{key} is sharded: sparse directions need the whole tensor for their mask")
+        mask, before = self.mask(weight), weight.detach().clone()
+        self._dense.update_(weight, key, draws, coeffs, lr, weight_decay, rounding_seed)
+        torch.where(mask, weight.detach(), before, out=weight.detach())
+
+
 class LowRank(Direction):
     r"""Low-rank directions ``z = U V^T`` for matrices (LOZO; HZO's estimator, methods.md §3).
 
@@ -282,9 +321,14 @@ def make(direction) -> Direction:
             return Dense(**spec)
         if kind == "lowrank":
             return LowRank(**spec)
+        if kind == "sparse":
+            return Sparse(**spec)
         raise ValueError(f"unknown direction spec {direction!r}")
     if direction == "lowrank":
         return LowRank()
+    if direction == "sparse":
+        return Sparse()
     if isinstance(direction, str) and direction in kernels.DISTRIBUTIONS:
         return Dense(direction)
-    raise ValueError(f"unknown direction {direction!r}: use gaussian, rademacher, lowrank or a zotune Direction")
+    raise ValueError(f"unknown direction {direction!r}: use gaussian, rademacher, lowrank, sparse or a zotune "
+                     "Direction")

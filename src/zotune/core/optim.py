@@ -83,11 +83,17 @@ class MeZO(Evaluation, torch.optim.Optimizer):
         parallel: a :class:`zotune.engine.distributed.Parallel` when several processes share
             the step: one all-reduce of the step's losses (data mode: the closure's loss is
             the rank's slice's; perturbation mode: each rank evaluates its own samples).
+        momentum: heavy-ball β: each update also adds β^k times the estimate of k steps ago,
+            for 0 < k < ``momentum_window``. Those directions are regenerated from their seeds
+            (recorded in the step as ``echoes``), so no momentum buffer is kept; each step's
+            update costs ``momentum_window`` passes over the weights instead of one.
+            Dense and sparse directions only.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_samples: int = 1,
                  estimator: str = "spsa", direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
-                 stacked: bool = False, merge: str = "step", parallel=None):
+                 stacked: bool = False, merge: str = "step", parallel=None, momentum: float = 0.0,
+                 momentum_window: int = 8):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
@@ -100,6 +106,11 @@ class MeZO(Evaluation, torch.optim.Optimizer):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if not (isinstance(momentum_window, int) and momentum_window >= 1):
+            raise ValueError(f"momentum_window must be an integer >= 1, got {momentum_window!r}")
+        self.momentum, self.momentum_window = float(momentum), momentum_window
         self.merge = merge
         self._factored = FactoredUpdates(seed) if merge == "resample" else None
         self.estimator = estimate.get(estimator)
@@ -124,6 +135,10 @@ class MeZO(Evaluation, torch.optim.Optimizer):
         self.rider_values: list[float] = []
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, direction=directions.make(direction).spec)
         super().__init__(params, defaults)
+        if self.momentum and any(isinstance(self._direction(g["direction"]), directions.LowRank)
+                                 for g in self.param_groups):
+            raise ValueError("momentum adds earlier directions again, and a low-rank one depends on the V of its "
+                             "interval: use dense or sparse directions")
 
     def add_param_group(self, param_group: dict) -> None:
         position = sum(len(group["params"]) for group in self.param_groups)
@@ -154,10 +169,20 @@ class MeZO(Evaluation, torch.optim.Optimizer):
         record = self._pending
         record.lrs = [float(group["lr"]) for group in self.param_groups]
         record.weight_decays = [float(group["weight_decay"]) for group in self.param_groups]
+        if self.momentum and self.momentum_window > 1:
+            record.echoes = self._echoes()
         self._commit(record)
         self._pending = None
         self.steps_done += 1
         return loss
+
+    def _echoes(self) -> list[list]:
+        """β^k times the coefficients of the step k steps back, for 0 < k < the window, with their seeds."""
+        echoes = []
+        for k, earlier in enumerate(reversed(self._history[-(self.momentum_window - 1):]), 1):
+            weight = self.momentum ** k
+            echoes += [[earlier.step, seed, weight * c] for seed, c in zip(earlier.seeds, earlier.coefficients())]
+        return echoes
 
     def _commit(self, record: TrajectoryStep) -> None:
         self.apply_step(record, skip=self._deferred)
@@ -181,6 +206,9 @@ class MeZO(Evaluation, torch.optim.Optimizer):
         written = set()
         coeffs = record.coefficients()
         draws = [Draw(self.seed, record.step, seed) for seed in record.seeds]
+        if record.echoes:
+            coeffs = coeffs + [coeff for _, _, coeff in record.echoes]
+            draws += [Draw(self.seed, step, seed) for step, seed, _ in record.echoes]
         rounding = rounding_seed(self.seed, record.step) if self.stochastic_rounding else None
         skipped = set(record.skipped)
         for group, lr, wd in zip(self.param_groups, record.lrs, record.weight_decays):

@@ -32,6 +32,7 @@ class TrajectoryStep:
     weight_decays: list[float]  # per parameter group
     skipped: list[str] = field(default_factory=list)  # keys frozen (requires_grad=False) then
     coeffs: list[float] | None = None  # the update's weights of the directions (None: grads / n)
+    echoes: list[list] | None = None  # momentum: earlier directions the update adds, as [step, seed, coefficient]
 
     def coefficients(self) -> list[float]:
         return self.coeffs if self.coeffs is not None else [g / len(self.grads) for g in self.grads]

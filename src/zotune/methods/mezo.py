@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zotune.core.directions import LowRank
+from zotune.core.directions import LowRank, Sparse
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory
 from zotune.engine import sharding
@@ -22,7 +22,7 @@ from zotune.methods.adapters import PeftOptions, add_adapters, by_mode, save_res
 from zotune.methods.footprint import Footprint, Row, stacked_copies
 from zotune.methods.registry import Method, MethodConfig, check_positive, option, settings_errors
 
-DIRECTIONS = ("gaussian", "rademacher", "lowrank")
+DIRECTIONS = ("gaussian", "rademacher", "lowrank", "sparse")
 ESTIMATORS = ("spsa", "one-sided", "fzoo")
 
 
@@ -31,9 +31,12 @@ class ZOConfig(MethodConfig):
     eps: float = option(1e-3, "perturbation scale")
     n_samples: int = option(1, "perturbations per step (n-SPSA)")
     # ``distribution``: the name in run folders written before low-rank directions existed.
-    direction: str = option("gaussian", "direction of the perturbations: dense gaussian or rademacher, or lowrank "
-                            "(U Vᵀ per matrix)", choices=DIRECTIONS, aliases=("distribution",))
+    direction: str = option("gaussian", "direction of the perturbations: dense gaussian or rademacher, lowrank "
+                            "(U Vᵀ per matrix), or sparse (gaussian on each tensor's smallest-magnitude weights, "
+                            "--sparse-fraction of them; Sparse-MeZO)", choices=DIRECTIONS, aliases=("distribution",))
     rank: int = option(2, "rank of lowrank directions")
+    sparse_fraction: float = option(0.25, "sparse: the fraction of each tensor's weights perturbed (those of the "
+                                    "smallest magnitude, chosen from the weights at each step: no mask stored)")
     resample_every: int = option(50, "lowrank: steps between two draws of V")
     estimator: str = option("spsa", "gradient estimator: spsa (two-sided), one-sided or fzoo", choices=ESTIMATORS)
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (unbiased) rather than "
@@ -46,7 +49,10 @@ class ZOConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check_positive(self, "eps", "n_samples", "rank", "resample_every")
+        check_positive(self, "eps", "n_samples", "rank", "resample_every", "sparse_fraction")
+        if self.sparse_fraction > 1:
+            raise UserError(f"--sparse-fraction is a fraction of each tensor's weights: at most 1, got "
+                            f"{self.sparse_fraction}")
 
 
 def zo_options(config: ZOConfig) -> dict:
@@ -54,6 +60,8 @@ def zo_options(config: ZOConfig) -> dict:
     direction = config.direction
     if direction == "lowrank":
         direction = LowRank(rank=config.rank, interval=config.resample_every)
+    elif direction == "sparse":
+        direction = Sparse(fraction=config.sparse_fraction)
     stacked = config.stacked or config.streams_blocks
     return dict(eps=config.eps, n_samples=config.n_samples, direction=direction, estimator=config.estimator,
                 stochastic_rounding=config.stochastic_rounding, stacked=stacked, merge=config.merge)
@@ -124,6 +132,10 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     lr_zo: float | None = option(None, f"zeroth-order learning rate ({by_mode('lr_zo')})", aliases=("lr",))
     eps: float | None = option(None, f"perturbation scale ({by_mode('eps')})")
 
+    momentum: float = option(0.0, "heavy-ball momentum β: each update also adds β^k times the estimate of k steps "
+                             "ago (k < --momentum-window), regenerated from its seed: no buffer, but the update "
+                             "makes --momentum-window passes over the weights (dense and sparse directions)")
+    momentum_window: int = option(8, "--momentum: how many steps' estimates one update combines")
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
                          "--checkpoint trajectory and dense directions")
 
@@ -134,9 +146,15 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     def __post_init__(self):
         self.resolve("lr_zo", "eps")
         super().__post_init__()
-        if self.shard and (self.offload != "none" or self.peft != "none" or self.direction == "lowrank"):
+        if self.shard and (self.offload != "none" or self.peft != "none" or self.direction in ("lowrank", "sparse")):
             raise UserError("--shard works with full-parameter zeroth order and dense directions: leave out --offload, "
-                            "--peft and --direction lowrank")
+                            "--peft and --direction lowrank or sparse")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
+        check_positive(self, "momentum_window")
+        if self.momentum and self.direction == "lowrank":
+            raise UserError("--momentum adds earlier directions again, and a low-rank one depends on the V of its "
+                            "interval: use --direction gaussian, rademacher or sparse")
 
 
 class MeZOMethod(Method):
@@ -161,7 +179,8 @@ class MeZOMethod(Method):
     def _build_optimizer(self) -> None:
         with settings_errors():
             self.zo = MeZO(decay_groups(self.model.named_parameters(), self.config.weight_decay),
-                           lr=self.config.lr_zo, seed=self.seed, **zo_options(self.config))
+                           lr=self.config.lr_zo, seed=self.seed, momentum=self.config.momentum,
+                           momentum_window=self.config.momentum_window, **zo_options(self.config))
         self.optimizer = self.zo
 
     def distribute(self, parallel) -> None:

@@ -28,8 +28,9 @@ from zotune.methods.registry import check_choices, check_non_negative, check_pos
 # config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
-# 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base.
-FORMAT = 4
+# 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
+# 5: sparse_fraction, momentum, momentum_window.
+FORMAT = 5
 
 
 @dataclass

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets) -> P
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         CurveRun(config, resume, steps, cost).run()
+    if (out / "trajectory.json").is_file():  # 0.5 GB a run: zotune replay rebuilds it from the kilobytes
+        shutil.rmtree(out / "model", ignore_errors=True)
     return out
 
 

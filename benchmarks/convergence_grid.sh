@@ -1,0 +1,12 @@
+#!/bin/sh
+# The learning-rate/eps grid of every forward-only recipe at 4,000 example-forwards on rt-sst2, seed 0
+# (benchmarks/convergence.py). Finished points are skipped and unfinished ones resume: run it again after an
+# interruption. About 8.5 minutes a point on 2 CPU cores. Then: python benchmarks/convergence.py table
+set -e
+grid="${PYTHON:-.venv/bin/python} benchmarks/convergence.py grid"
+$grid mezo --lr-zo 1e-5,3e-5,1e-4,3e-4 --eps 1e-3
+$grid mezo-sparse --lr-zo 3e-5,1e-4 --eps 1e-3
+$grid mezo-prefix --lr-zo 1e-2,3e-2 --eps 1e-1
+$grid mezo-lora --lr-zo 3e-4,1e-3 --eps 1e-2
+$grid mezo-momentum --lr-zo 3e-6,1e-5 --eps 1e-3
+$grid fzoo --lr-zo 1e-6,3e-6 --eps 1e-3

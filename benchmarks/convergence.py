@@ -34,7 +34,7 @@ import torch
 from zotune import tasks
 from zotune.core.estimate import get as estimator
 from zotune.recipe.config import from_mapping
-from zotune.recipe.train import Run, prepare_output
+from zotune.recipe.train import Interrupted, Run, prepare_output
 
 ROOT = Path("runs/convergence")
 RESULTS = Path(__file__).parent / "results"
@@ -64,11 +64,11 @@ def examples_per_step(values: dict) -> int:
 class CurveRun(Run):
     """A run scored on the fixed test sentences whenever it has spent a budget."""
 
-    def __init__(self, config, resume: bool, budgets: dict[int, int], cost: int):
+    def __init__(self, config, resume: bool, budgets: dict[int, int], cost: int, stop_step: int | None = None):
         super().__init__(config, resume)
         fixed = tasks.sample(self.task, config.n_train, 0, config.n_test, seed=0).test
         self.split = tasks.Split(self.split.train, self.split.dev, fixed)
-        self.budgets, self.cost = budgets, cost
+        self.budgets, self.cost, self.stop_step = budgets, cost, stop_step
 
     def log(self, record: dict):
         budget = self.budgets.get(record.get("step"))
@@ -79,29 +79,39 @@ class CurveRun(Run):
             print(f"  {self.out}: {record['example_forwards']} example-forwards, test accuracy "
                   f"{record['test_accuracy']:.3f} ({record['train_seconds']:.0f} s)", flush=True)
         super().log(record)
+        if record.get("step") == self.stop_step:  # a grid point: checkpointed here, its curve resumes from it
+            self._stop = True
 
 
 def label_of(recipe: str, settings: dict) -> str:
     return recipe + "".join(f",{k}={v}" for k, v in sorted(settings.items()))
 
 
-def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets) -> Path:
+def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets=BUDGETS, stop_at: int | None = None):
+    """Trains (or resumes) the curve of ``budgets``; with ``stop_at`` (a grid point) only that far, checkpointed
+    so that the whole curve continues from it later."""
     values = {**COMMON, **RECIPES[recipe], **settings, "task": task, "seed": seed}
     cost = examples_per_step(values)
-    steps = {math.ceil(budget / cost): budget for budget in budgets}
+    steps = {math.ceil(budget / cost): budget for budget in sorted({*budgets, *([stop_at] if stop_at else [])})}
     out = ROOT / task / label_of(recipe, settings) / f"seed{seed}"
     values.update(steps=max(steps), output=str(out),
                   checkpoint="trajectory" if values["method"] == "mezo" else "full")
     config = from_mapping(values)
-    if (out / "result.json").is_file():
+    stop_step = None if stop_at is None else math.ceil(stop_at / cost)
+    done = [row["step"] for row in read_rows(out) if "example_forwards" in row]
+    if (out / "result.json").is_file() or (stop_step is not None and stop_step in done):
         return out
     resume = (out / "checkpoint").is_dir() or (out / "checkpoint.old").is_dir()
     if not resume:
         prepare_output(config, overwrite=True)
-    print(f"{out}: {max(steps)} steps of {cost} example-forwards{' (resumed)' if resume else ''}", flush=True)
+    print(f"{out}: to step {stop_step or max(steps)} of {max(steps)}, {cost} example-forwards a step"
+          f"{' (resumed)' if resume else ''}", flush=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        CurveRun(config, resume, steps, cost).run()
+        try:
+            CurveRun(config, resume, steps, cost, stop_step).run()
+        except Interrupted:
+            return out
     if (out / "trajectory.json").is_file():  # 0.5 GB a run: zotune replay rebuilds it from the kilobytes
         shutil.rmtree(out / "model", ignore_errors=True)
     return out
@@ -115,10 +125,15 @@ def parse_settings(pairs: list[str]) -> dict:
     return settings
 
 
+def read_rows(run: Path) -> list[dict]:
+    metrics = run / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+
+
 def read_curves() -> list[dict]:
     curves = []
     for metrics in sorted(ROOT.glob("*/*/seed*/metrics.jsonl")):
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        rows = read_rows(metrics.parent)
         points = [{k: row[k] for k in ("example_forwards", "test_accuracy", "train_seconds")}
                   for row in rows if "example_forwards" in row]
         run = metrics.parent
@@ -189,7 +204,7 @@ def main(argv=None) -> int:
                 (("lr_zo", args.lr_zo), ("lr_fo", args.lr_fo), ("eps", args.eps)) if values}
         for combination in itertools.product(*axes.values()):
             begin = time.perf_counter()
-            train_curve(args.task, args.recipe, dict(zip(axes, combination)), args.seed, [args.budget])
+            train_curve(args.task, args.recipe, dict(zip(axes, combination)), args.seed, stop_at=args.budget)
             print(f"  ({time.perf_counter() - begin:.0f} s)", flush=True)
     else:
         curves = read_curves()

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -98,6 +99,10 @@ def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets=BUDGE
                   checkpoint="trajectory" if values["method"] == "mezo" else "full")
     config = from_mapping(values)
     stop_step = None if stop_at is None else math.ceil(stop_at / cost)
+    if (out / "result.json").is_file() and json.loads((out / "result.json").read_text())["steps"] < max(steps):
+        shorter = out.with_name(f"{out.name}.{json.loads((out / 'result.json').read_text())['steps']}-steps")
+        print(f"{out} finished before its curve's end: kept as {shorter.name}, the curve starts again", flush=True)
+        out.rename(shorter)
     done = [row["step"] for row in read_rows(out) if "example_forwards" in row]
     if (out / "result.json").is_file() or (stop_step is not None and stop_step in done):
         return out
@@ -137,7 +142,8 @@ def read_curves() -> list[dict]:
         points = [{k: row[k] for k in ("example_forwards", "test_accuracy", "train_seconds")}
                   for row in rows if "example_forwards" in row]
         run = metrics.parent
-        curves.append({"task": run.parents[1].name, "label": run.parent.name, "seed": int(run.name[4:]),
+        curves.append({"task": run.parents[1].name, "label": run.parent.name,
+                       "seed": int(re.match(r"seed(\d+)", run.name)[1]), "folder": run.name,
                        "finished": (run / "result.json").is_file(), "points": points})
     return curves
 

@@ -47,6 +47,7 @@ RECIPES = {
     "mezo": dict(method="mezo", eps=1e-3),  # the paper's MeZO: dense Gaussian, SPSA, every weight
     "mezo-sparse": dict(method="mezo", direction="sparse", sparse_fraction=0.25, eps=1e-3),
     "mezo-momentum": dict(method="mezo", eps=1e-3, momentum=0.9, momentum_window=8),
+    "mezo-nschedule": dict(method="mezo", eps=1e-3, n_samples=1, n_samples_final=4),  # 1 -> 4 directions a step
     "mezo-lora": dict(method="mezo", peft="lora"),
     "mezo-prefix": dict(method="mezo", peft="prefix"),
     "fzoo": dict(method="mezo", estimator="fzoo", direction="rademacher", n_samples=4, stacked=True),
@@ -54,28 +55,46 @@ RECIPES = {
 }
 
 
-def examples_per_step(values: dict) -> int:
-    """Example-forwards of one step: the batch times the points the estimator evaluates (first order: one
-    forward; its backward is not a forward)."""
-    if values["method"] != "mezo":
-        return values["batch_size"]
-    return values["batch_size"] * len(estimator(values.get("estimator", "spsa")).plan(values.get("n_samples", 1)))
+def spending(options, method: str, batch_size: int, steps: int) -> list[int]:
+    """Example-forwards spent after each step of a run of ``steps``: the batch times the points the estimator
+    evaluates (with ``n_samples_final``, a number that grows over the run); first order: one forward a step (its
+    backward is not a forward)."""
+    total, spent = 0, []
+    for step in range(steps):
+        if method == "mezo":
+            total += batch_size * len(estimator(options.estimator).plan(options.n_samples_at(step, steps)))
+        else:
+            total += batch_size
+        spent.append(total)
+    return spent
+
+
+def plan(values: dict, budgets) -> tuple[list[int], dict[int, int]]:
+    """The spending of the shortest run that reaches the largest budget, and the step at which each budget is
+    reached (1-based)."""
+    options = from_mapping({**values, "steps": 1}).options
+    steps = max(1, max(budgets) // (values["batch_size"] * 64))  # no step evaluates more than 64 points
+    spent = spending(options, values["method"], values["batch_size"], steps)
+    while spent[-1] < max(budgets):
+        steps = max(steps + 1, math.ceil(steps * max(budgets) / spent[-1]) - 1)
+        spent = spending(options, values["method"], values["batch_size"], steps)
+    return spent, {next(i for i, total in enumerate(spent, 1) if total >= budget): budget for budget in budgets}
 
 
 class CurveRun(Run):
     """A run scored on the fixed test sentences whenever it has spent a budget."""
 
-    def __init__(self, config, resume: bool, budgets: dict[int, int], cost: int, stop_step: int | None = None):
+    def __init__(self, config, resume: bool, budgets: dict[int, int], spent: list[int], stop_step: int | None = None):
         super().__init__(config, resume)
         fixed = tasks.sample(self.task, config.n_train, 0, config.n_test, seed=0).test
         self.split = tasks.Split(self.split.train, self.split.dev, fixed)
-        self.budgets, self.cost, self.stop_step = budgets, cost, stop_step
+        self.budgets, self.spent, self.stop_step = budgets, spent, stop_step
 
     def log(self, record: dict):
         budget = self.budgets.get(record.get("step"))
         if budget is not None:
             record["test_accuracy"] = self.evaluate(self.split.test, "test")["score"]
-            record["example_forwards"] = record["step"] * self.cost
+            record["example_forwards"] = self.spent[record["step"] - 1]
             record["train_seconds"] = round(self.state["train_seconds"], 2)
             print(f"  {self.out}: {record['example_forwards']} example-forwards, test accuracy "
                   f"{record['test_accuracy']:.3f} ({record['train_seconds']:.0f} s)", flush=True)
@@ -92,14 +111,13 @@ def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets=BUDGE
     """Trains (or resumes) the curve of ``budgets``; with ``stop_at`` (a grid point) only that far, checkpointed
     so that the whole curve continues from it later."""
     values = {**COMMON, **RECIPES[recipe], **settings, "task": task, "seed": seed}
-    cost = examples_per_step(values)
-    steps = {math.ceil(budget / cost): budget for budget in sorted({*budgets, *([stop_at] if stop_at else [])})}
+    spent, steps = plan(values, sorted({*budgets, *([stop_at] if stop_at else [])}))
     out = ROOT / task / label_of(recipe, settings) / f"seed{seed}"
-    values.update(steps=max(steps), output=str(out),
+    values.update(steps=len(spent), output=str(out),
                   checkpoint="trajectory" if values["method"] == "mezo" else "full")
     config = from_mapping(values)
-    stop_step = None if stop_at is None else math.ceil(stop_at / cost)
-    if (out / "result.json").is_file() and json.loads((out / "result.json").read_text())["steps"] < max(steps):
+    stop_step = None if stop_at is None else next(step for step, budget in steps.items() if budget == stop_at)
+    if (out / "result.json").is_file() and json.loads((out / "result.json").read_text())["steps"] < len(spent):
         shorter = out.with_name(f"{out.name}.{json.loads((out / 'result.json').read_text())['steps']}-steps")
         print(f"{out} finished before its curve's end: kept as {shorter.name}, the curve starts again", flush=True)
         out.rename(shorter)
@@ -109,12 +127,12 @@ def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets=BUDGE
     resume = (out / "checkpoint").is_dir() or (out / "checkpoint.old").is_dir()
     if not resume:
         prepare_output(config, overwrite=True)
-    print(f"{out}: to step {stop_step or max(steps)} of {max(steps)}, {cost} example-forwards a step"
+    print(f"{out}: to step {stop_step or len(spent)} of {len(spent)}, {spent[-1]} example-forwards in all"
           f"{' (resumed)' if resume else ''}", flush=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            CurveRun(config, resume, steps, cost, stop_step).run()
+            CurveRun(config, resume, steps, spent, stop_step).run()
         except Interrupted:
             return out
     if (out / "trajectory.json").is_file():  # 0.5 GB a run: zotune replay rebuilds it from the kilobytes

@@ -10,3 +10,4 @@ $grid mezo-prefix --lr-zo 1e-2,3e-2 --eps 1e-1
 $grid mezo-lora --lr-zo 3e-4,1e-3 --eps 1e-2
 $grid mezo-momentum --lr-zo 3e-6,1e-5 --eps 1e-3
 $grid fzoo --lr-zo 1e-6,3e-6 --eps 1e-3
+$grid mezo-nschedule --lr-zo 1e-4 --eps 1e-3

@@ -11,7 +11,7 @@ from zotune.recipe import config as cfg
 from zotune.errors import UserError
 from zotune.recipe.train import resume_config
 
-from ..conftest import tiny_model
+from ..conftest import lm_closure, tiny_model
 from ..test_cli import CSV_TASK
 
 
@@ -91,6 +91,7 @@ def test_old_distribution_key_and_flag_mean_direction(tmp_path):
     ({"sparse_fraction": 1.5}, "--sparse-fraction is a fraction"),
     ({"momentum": 1.0}, "--momentum must be in"),
     ({"direction": "lowrank", "momentum": 0.5}, "--momentum adds earlier directions"),
+    ({"estimator": "fzoo", "n_samples": 2, "n_samples_final": 1}, "--estimator fzoo needs at least 2"),
     ({"method": "lmao", "resample_every": 0}, "--resample-every must be positive"),
     ({"method": "lmao", "max_grad_norm": 0}, "--max-grad-norm must be positive"),
     ({"method": "lora-ft", "lora_r": 0}, "--lora-r must be positive"),
@@ -116,3 +117,12 @@ def test_an_option_the_method_does_not_use_is_noted(tiny_model_dir, tmp_path, ca
             "--eps", "0.01", "--output", str(tmp_path / "run"), "--no-progress", "--no-zero-shot"]
     assert cli.main(args) == 0
     assert "zotune: note: ft does not use --eps" in capsys.readouterr().err
+
+
+def test_the_directions_per_step_grow_as_scheduled():
+    config = methods.MeZOConfig(lr_zo=1e-3, n_samples=1, n_samples_final=3)
+    assert [config.n_samples_at(step, 5) for step in range(5)] == [1, 2, 2, 2, 3]  # round half to even at 1.5
+    method = methods.MeZOMethod(tiny_model("llama"), config, seed=0, steps=3)
+    for _ in range(3):
+        method.step(lm_closure(method.model))
+    assert [len(step.seeds) for step in method.zo.trajectory.steps] == [1, 2, 3]

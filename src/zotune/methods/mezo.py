@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from zotune.core.directions import LowRank, Sparse
+from zotune.core.estimate import get as estimator_of
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory
 from zotune.engine import sharding
@@ -20,7 +21,8 @@ from zotune.errors import UserError
 from zotune.engine.offload import Offload
 from zotune.methods.adapters import PeftOptions, add_adapters, by_mode, save_result
 from zotune.methods.footprint import Footprint, Row, stacked_copies
-from zotune.methods.registry import Method, MethodConfig, check_positive, option, settings_errors
+from zotune.methods.registry import (Method, MethodConfig, check_non_negative, check_positive, option,
+                                     settings_errors)
 
 DIRECTIONS = ("gaussian", "rademacher", "lowrank", "sparse")
 ESTIMATORS = ("spsa", "one-sided", "fzoo")
@@ -136,6 +138,9 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
                              "ago (k < --momentum-window), regenerated from its seed: no buffer, but the update "
                              "makes --momentum-window passes over the weights (dense and sparse directions)")
     momentum_window: int = option(8, "--momentum: how many steps' estimates one update combines")
+    n_samples_final: int = option(0, "grow the directions per step linearly from --n-samples at the first step to "
+                                  "this at the last (0: --n-samples throughout): fewer forwards while the steps are "
+                                  "large, a lower-variance estimate when they get small")
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
                          "--checkpoint trajectory and dense directions")
 
@@ -155,6 +160,16 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.momentum and self.direction == "lowrank":
             raise UserError("--momentum adds earlier directions again, and a low-rank one depends on the V of its "
                             "interval: use --direction gaussian, rademacher or sparse")
+        check_non_negative(self, "n_samples_final")
+        least = estimator_of(self.estimator).min_samples
+        if 0 < self.n_samples_final < least:
+            raise UserError(f"--n-samples-final: --estimator {self.estimator} needs at least {least} directions a step")
+
+    def n_samples_at(self, step: int, steps: int) -> int:
+        """The directions of 0-based ``step`` of a run of ``steps``."""
+        if not self.n_samples_final:
+            return self.n_samples
+        return round(self.n_samples + (self.n_samples_final - self.n_samples) * step / max(steps - 1, 1))
 
 
 class MeZOMethod(Method):
@@ -187,9 +202,10 @@ class MeZOMethod(Method):
         if self.config.shard:
             if parallel is None:
                 raise UserError("--shard needs several processes: start zotune with torchrun --nproc-per-node N")
-            if parallel.mode == "perturbations" and self.config.n_samples % parallel.world:
+            if parallel.mode == "perturbations" and (self.config.n_samples % parallel.world
+                                                     or self.config.n_samples_final):
                 raise UserError(f"--shard --parallel perturbations: every process must evaluate as many directions, "
-                                f"so --n-samples must be a multiple of {parallel.world}")
+                                f"so --n-samples must be a multiple of {parallel.world}, without --n-samples-final")
             blocks = [module for _, module in find_blocks(self.model, self.config.blocks).blocks]
             aliases = sharding.shard_model(self.model, blocks, parallel)
             self._build_optimizer()  # over the sharded parameters, before any step (distribute() sets parallel)
@@ -206,6 +222,7 @@ class MeZOMethod(Method):
 
     def step(self, loss_fn) -> dict:
         self.model.eval()  # dropout would make the perturbed losses differ
+        self.zo.n_samples = self.config.n_samples_at(self.zo.steps_done, self.steps)
         loss = self.zo.step(loss_fn)
         return {"projected_grad": projected_grad(self.zo), "loss": loss, "lr": self.zo.param_groups[0]["lr"]}
 

@@ -29,7 +29,7 @@ from zotune.methods.registry import check_choices, check_non_negative, check_pos
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
-# 5: sparse_fraction, momentum, momentum_window.
+# 5: sparse_fraction, momentum, momentum_window, n_samples_final.
 FORMAT = 5
 
 

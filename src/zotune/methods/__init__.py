@@ -8,7 +8,7 @@ from zotune.methods.hzo import HZO, HZOConfig, HZOMethod
 from zotune.methods.lmao import LMAO, LMAOConfig, LMAOMethod
 from zotune.methods.mezo import MeZOConfig, MeZOMethod, ZOConfig
 from zotune.methods.registry import (METHODS, RATES, Entry, Method, MethodConfig, build, describe, get, make_config,
-                                     names, option, register, renames)
+                                     names, option, register, renames, upgrade)
 
 # The order (least memory first) is that of help texts and bench rows.
 register("mezo", MeZOConfig, MeZOMethod)
@@ -20,4 +20,4 @@ DEFAULT = "mezo"  # the method of zotune train and ZOTrainer when none is named:
 
 __all__ = ["DEFAULT", "FT", "FTConfig", "HZO", "HZOConfig", "HZOMethod", "LMAO", "LMAOConfig", "LMAOMethod", "LoRAConfig",
            "LoRAFT", "LoRAFTConfig", "METHODS", "RATES", "Entry", "MeZOConfig", "MeZOMethod", "Method", "MethodConfig",
-           "ZOConfig", "build", "describe", "get", "make_config", "names", "option", "register", "renames"]
+           "ZOConfig", "build", "describe", "get", "make_config", "names", "option", "register", "renames", "upgrade"]

@@ -246,8 +246,17 @@ def make_config(name: str, values: dict | None = None):
     for alias, current in renames(config).items():
         if alias in values:
             warnings.warn(f"{name}'s option {alias!r} is now {current!r}", FutureWarning, stacklevel=2)
-            values.setdefault(current, values.pop(alias))
-    return config(**values)
+    return config(**upgrade(values, name))
+
+
+def upgrade(values: dict, method: str) -> dict:
+    """``values`` with the method's older option names replaced by the current ones (the current name wins
+    when both are given); older names of other methods' options are left, to be ignored."""
+    values = dict(values)
+    for alias, name in renames(get(method).config).items():
+        if alias in values:
+            values.setdefault(name, values.pop(alias))
+    return values
 
 
 def build(name: str, model, config=None, seed: int = 0, steps: int = 1) -> Method:

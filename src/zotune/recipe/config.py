@@ -154,14 +154,7 @@ def old_names() -> dict[str, dataclasses.Field]:
             if alias not in current}
 
 
-def upgrade(values: dict, method: str) -> dict:
-    """``values`` with the method's older option names replaced by the current ones (the current name wins
-    when a file or command line gives both); older names of other methods' options are left, to be ignored."""
-    values = dict(values)
-    for alias, name in renames(method).items():
-        if alias in values:
-            values.setdefault(name, values.pop(alias))
-    return values
+upgrade = methods.upgrade  # config files and command lines read older names as the Trainer's dicts do
 
 
 def unused_options(config: TrainConfig, given) -> list[str]:

@@ -111,6 +111,7 @@ def train_curve(task: str, recipe: str, settings: dict, seed: int, budgets=BUDGE
     """Trains (or resumes) the curve of ``budgets``; with ``stop_at`` (a grid point) only that far, checkpointed
     so that the whole curve continues from it later."""
     values = {**COMMON, **RECIPES[recipe], **settings, "task": task, "seed": seed}
+    values["batch_size"] = int(values["batch_size"])
     spent, steps = plan(values, sorted({*budgets, *([stop_at] if stop_at else [])}))
     out = ROOT / task / label_of(recipe, settings) / f"seed{seed}"
     values.update(steps=len(spent), output=str(out),
@@ -218,6 +219,7 @@ def main(argv=None) -> int:
     grid.add_argument("--lr-zo", default="")
     grid.add_argument("--lr-fo", default="")
     grid.add_argument("--eps", default="")
+    grid.add_argument("--batch-size", default="", help="a searched axis too: budgets count examples, not steps")
     commands.add_parser("table", help="results JSON, Markdown table and plot from every run folder")
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
                     [int(b) for b in args.budgets.split(",")])
     elif args.command == "grid":
         axes = {name: values.split(",") for name, values in
-                (("lr_zo", args.lr_zo), ("lr_fo", args.lr_fo), ("eps", args.eps)) if values}
+                (("lr_zo", args.lr_zo), ("lr_fo", args.lr_fo), ("eps", args.eps),
+                                    ("batch_size", args.batch_size)) if values}
         for combination in itertools.product(*axes.values()):
             begin = time.perf_counter()
             train_curve(args.task, args.recipe, dict(zip(axes, combination)), args.seed, stop_at=args.budget)

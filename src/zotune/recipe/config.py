@@ -23,14 +23,15 @@ import yaml
 from zotune import methods
 from zotune.errors import UserError, reason, unknown
 from zotune.methods.registry import check_choices, check_non_negative, check_positive, flag, option
+from zotune.recipe import presets
 
 
 # config.yaml's layout: bump FORMAT when a key is added, renamed or changes meaning, and have
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
-# 5: sparse_fraction, momentum, momentum_window, n_samples_final.
-FORMAT = 5
+# 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset.
+FORMAT = 6
 
 
 @dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     n_dev: int = option(500, "dev examples drawn from the train pool (disjoint from train)")
     n_test: int = option(1000, "test examples drawn from the test pool")
     method: str = option(methods.DEFAULT, methods.describe, choices=methods.names)  # read from the registry when asked
+    preset: str = option(presets.NONE, presets.describe, choices=presets.names)
     steps: int = option(1000, "optimizer steps")
     batch_size: int = option(16, "training examples per step")
     eval_every: int = option(0, "evaluate on the dev set every N steps (0: never during training)")
@@ -199,6 +201,7 @@ def from_mapping(values: dict) -> TrainConfig:
     """A config from flat option: value pairs (YAML, command line); options of other methods are ignored."""
     values = dict(values)
     values.pop(FORMAT_KEY, None)  # the file's version, not an option (load_yaml checked it)
+    values = presets.apply(values)
     run = {f.name: f for f in run_fields()}
     unknown = sorted(set(values) - set(run) - set(method_fields()) - set(old_names()))
     if unknown:

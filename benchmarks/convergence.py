@@ -46,6 +46,7 @@ COMMON = dict(model="smollm2", n_train=1000, n_dev=0, n_test=300, batch_size=16,
 RECIPES = {
     "mezo": dict(method="mezo", eps=1e-3),  # the paper's MeZO: dense Gaussian, SPSA, every weight
     "mezo-sparse": dict(method="mezo", direction="sparse", sparse_fraction=0.25, eps=1e-3),
+    "mezo-lowrank": dict(method="mezo", direction="lowrank", rank=2, resample_every=50, eps=1e-3),  # LOZO
     "mezo-momentum": dict(method="mezo", eps=1e-3, momentum=0.9, momentum_window=8),
     "mezo-nschedule": dict(method="mezo", eps=1e-3, n_samples=1, n_samples_final=4),  # 1 -> 4 directions a step
     "mezo-lora": dict(method="mezo", peft="lora"),

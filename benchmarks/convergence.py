@@ -49,6 +49,7 @@ RECIPES = {
     "mezo-lowrank": dict(method="mezo", direction="lowrank", rank=2, resample_every=50, eps=1e-3),  # LOZO
     "mezo-momentum": dict(method="mezo", eps=1e-3, momentum=0.9, momentum_window=8),
     "mezo-nschedule": dict(method="mezo", eps=1e-3, n_samples=1, n_samples_final=4),  # 1 -> 4 directions a step
+    "mezo-linear": dict(method="mezo", eps=1e-3, lr_schedule="linear"),  # the rate decays to 0 at 32,000
     "mezo-lora": dict(method="mezo", peft="lora"),
     "mezo-prefix": dict(method="mezo", peft="prefix"),
     "fzoo": dict(method="mezo", estimator="fzoo", direction="rademacher", n_samples=4, stacked=True),
@@ -162,21 +163,24 @@ def read_curves() -> list[dict]:
         points = [{k: row[k] for k in ("example_forwards", "test_accuracy", "train_seconds")}
                   for row in rows if "example_forwards" in row]
         run = metrics.parent
+        peaks = [row["peak_memory_mb"] for row in rows if row.get("peak_memory_mb") is not None]
         curves.append({"task": run.parents[1].name, "label": run.parent.name,
                        "seed": int(re.match(r"seed(\d+)", run.name)[1]), "folder": run.name,
-                       "finished": (run / "result.json").is_file(), "points": points})
+                       "finished": (run / "result.json").is_file(), "points": points,
+                       "peak_rss_mb": max(peaks, default=None)})
     return curves
 
 
 def table(curves: list[dict]) -> str:
     budgets = sorted({p["example_forwards"] for c in curves for p in c["points"]})
-    lines = [f"| task | recipe | seed | {' | '.join(f'{b:,}' for b in budgets)} | s to last |",
-             "|---|---|---|" + "---|" * len(budgets) + "---|"]
+    lines = [f"| task | recipe | seed | {' | '.join(f'{b:,}' for b in budgets)} | s to last | peak RSS (MB) |",
+             "|---|---|---|" + "---|" * len(budgets) + "---|---|"]
     for c in curves:
         at = {p["example_forwards"]: p for p in c["points"]}
         cells = [f"{at[b]['test_accuracy']:.1%}" if b in at else "" for b in budgets]
         last = f"{c['points'][-1]['train_seconds']:.0f}" if c["points"] else ""
-        lines.append(f"| {c['task']} | {c['label']} | {c['seed']} | {' | '.join(cells)} | {last} |")
+        peak = "" if c.get("peak_rss_mb") is None else f"{c['peak_rss_mb']:.0f}"
+        lines.append(f"| {c['task']} | {c['label']} | {c['seed']} | {' | '.join(cells)} | {last} | {peak} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from zotune.recipe.config import from_mapping
-from zotune.recipe.train import Interrupted, Run, resume_config, train
+from zotune.recipe.train import Interrupted, Run, lr_factor, resume_config, train
 
 from ..conftest import DATA, stop_after
 
@@ -20,7 +20,8 @@ def config(model_dir, out, **extra):
 
 LRS = {"mezo": 1e-2, "ft": 1e-3, "lora-ft": 1e-2, "lmao": 1e-2, "hzo": 1e-2}
 # Runs of a method with options: (method, options).
-VARIANTS = {"mezo-offload": ("mezo", {"offload": "cpu"}), "hzo-offload": ("hzo", {"offload": "cpu", "lr_zo": 1e-2})}
+VARIANTS = {"mezo-offload": ("mezo", {"offload": "cpu"}), "hzo-offload": ("hzo", {"offload": "cpu", "lr_zo": 1e-2}),
+            "lmao-cosine": ("lmao", {"lr_schedule": "cosine", "warmup_steps": 1})}
 
 
 def final_weights(out, method):
@@ -32,7 +33,8 @@ def final_weights(out, method):
     return load_file(out / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("variant", ["mezo", "ft", "lora-ft", "lmao", "hzo", "mezo-offload", "hzo-offload"])
+@pytest.mark.parametrize("variant", ["mezo", "ft", "lora-ft", "lmao", "hzo", "mezo-offload", "hzo-offload",
+                                     "lmao-cosine"])
 def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_path, monkeypatch, variant):
     method, options = VARIANTS.get(variant, (variant, {}))
     options = {"lr": LRS[method], **options}
@@ -65,6 +67,22 @@ def test_run_folder_and_interrupted_resume_is_bit_identical(tiny_model_dir, tmp_
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("examples_per_s", "peak_memory_mb")} for r in rows]
     again = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert strip(again) == strip(rows)
+
+
+def test_lr_schedules_scale_every_rate_of_the_method():
+    assert [lr_factor("constant", s, 4) for s in range(4)] == [1, 1, 1, 1]
+    assert [lr_factor("linear", s, 4) for s in range(4)] == [1, 0.75, 0.5, 0.25]
+    assert [lr_factor("linear", s, 5, warmup=2) for s in range(5)] == [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3]
+    cosine = [lr_factor("cosine", s, 4) for s in range(4)]
+    assert cosine[0] == 1 and cosine == sorted(cosine, reverse=True) and 0 < cosine[-1] < 0.25
+
+
+def test_a_run_follows_its_lr_schedule_and_records_it(tiny_model_dir, tmp_path):
+    train(config(tiny_model_dir, tmp_path / "run", method="mezo", lr=1e-2, lr_schedule="linear", zero_shot=False))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    trajectory = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert [step["lrs"][0] for step in trajectory["steps"]] == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
 
 
 def test_lmao_run_exports_a_merged_model_that_evaluates_like_the_adapted_one(tiny_model_dir, tmp_path):

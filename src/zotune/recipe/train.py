@@ -122,6 +122,8 @@ class Run:
         self.scorer = Scorer(self.model, self.tokenizer, self.task.candidates, self.kind, config.max_length,
                              config.max_new_tokens, self.task.separator)
         self.metric = metric_of(self.task)  # accuracy, or token F1 for generation tasks
+        # The configured rates, which --lr-schedule scales each step (a checkpoint holds the scaled ones).
+        self.base_lrs = [group["lr"] for group in self.method.scheduled_groups]
         loss_function(self.scorer, self.task, [], config.objective)  # its refusals come before any training
         self.state = {"step": 0, "zero_shot": None, "dev": None, "train_seconds": 0.0}
         self._orders: dict[int, list[int]] = {}
@@ -215,6 +217,9 @@ class Run:
         if self.parallel is not None:
             batch = self.parallel.batch_slice(batch)
         loss_fn = loss_function(self.scorer, self.task, batch, self.config.objective)
+        factor = lr_factor(self.config.lr_schedule, step, self.config.steps, self.config.warmup_steps)
+        for group, base in zip(self.method.scheduled_groups, self.base_lrs):
+            group["lr"] = base * factor
         try:
             record = self.method.step(loss_fn)
         except FloatingPointError as error:  # a diverged run is the user's settings, not a bug
@@ -308,6 +313,20 @@ class Run:
             report.curves(self.out)  # curves.png, when matplotlib is installed (zotune[plot])
         self._barrier()
         return result
+
+
+def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
+    """The multiple of the configured learning rates at ``step`` (0-based) of ``steps``. After the warm-up,
+    transformers' schedules of the same names, so that a run reads like a Trainer run; the warm-up starts
+    above 0, so that no step is wasted."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    remaining = (steps - step) / max(1, steps - warmup)
+    if schedule == "linear":
+        return max(0.0, remaining)
+    return 0.5 * (1 + math.cos(math.pi * (1 - max(0.0, remaining))))
 
 
 def peak_memory_mb() -> float:

@@ -1,0 +1,15 @@
+#!/bin/sh
+# The full curves (4,000 to 32,000 example-forwards) of the grid's leaders on rt-sst2, two seeds, then the second
+# task, and LoRA-FT's curve for its wall-clock to 80 %. Each curve continues from its grid point's checkpoint (seed
+# 0) or starts afresh; an interrupted one resumes: run the script again. About 70 minutes a dense curve on 2 CPU
+# cores. Then: python benchmarks/convergence.py table
+set -e
+run="${PYTHON:-.venv/bin/python} benchmarks/convergence.py run"
+$run lora-ft --budgets 500,1000,2000,4000
+for seed in 0 1; do
+    $run mezo --seed $seed --set lr_zo=1e-4 eps=1e-3              # plain MeZO at its best searched rate
+    $run mezo-momentum --seed $seed --set lr_zo=1e-5 eps=1e-3
+    $run mezo-linear --seed $seed --set lr_zo=1e-4 eps=1e-3
+    $run mezo-nschedule --seed $seed --set lr_zo=1e-4 eps=1e-3
+    $run mezo-prefix --seed $seed --set lr_zo=3e-2 eps=1e-1
+done

@@ -49,6 +49,7 @@ RECIPES = {
     "mezo-lowrank": dict(method="mezo", direction="lowrank", rank=2, resample_every=50, eps=1e-3),  # LOZO
     "mezo-momentum": dict(method="mezo", eps=1e-3, momentum=0.9, momentum_window=8),
     "mezo-nschedule": dict(method="mezo", eps=1e-3, n_samples=1, n_samples_final=4),  # 1 -> 4 directions a step
+    "mezo-normalized": dict(method="mezo", eps=1e-3, normalize_window=16),  # steps of lr_zo in units of z
     "mezo-linear": dict(method="mezo", eps=1e-3, lr_schedule="linear"),  # the rate decays to 0 at 32,000
     "mezo-lora": dict(method="mezo", peft="lora"),
     "mezo-prefix": dict(method="mezo", peft="prefix"),

@@ -11,10 +11,11 @@ from .test_checkpoint import assert_one_line_error
 from .test_train import LRS, VARIANTS, config, final_weights
 
 # Factored low-rank updates merged every 2 steps: resume must rebuild the factors of the snapshot's interval.
-# Sparse directions with momentum: the mask comes from the weights, the echoes reach back before a snapshot.
+# Sparse directions with momentum: the mask comes from the weights, the echoes (and the normalising window) reach
+# back before a snapshot.
 LOW_RANK = {"mezo-lowrank": ("mezo", {"direction": "lowrank", "merge": "resample", "resample_every": 2}),
             "mezo-sparse-momentum": ("mezo", {"direction": "sparse", "momentum": 0.9, "momentum_window": 3,
-                                              "n_samples_final": 3})}
+                                              "n_samples_final": 3, "normalize_window": 4})}
 
 
 @pytest.mark.parametrize("snapshot_every", [0, 3])

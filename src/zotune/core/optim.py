@@ -88,12 +88,19 @@ class MeZO(Evaluation, torch.optim.Optimizer):
             (recorded in the step as ``echoes``), so no momentum buffer is kept; each step's
             update costs ``momentum_window`` passes over the weights instead of one.
             Dense and sparse directions only.
+        normalize_window: when W > 0, each update is divided by the root mean square of the
+            projected gradients of the last W steps (this one included): a scalar RMSprop on
+            the estimate, so that the step's size no longer follows the gradient's scale. A
+            step whose |g| jumps (the start of a divergence) moves the weights less, and the
+            small gradients of a plateau move them as much as the large ones of the start.
+            ``lr`` is then the step in units of z. No state: the recent gradients are in the
+            step records.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_samples: int = 1,
                  estimator: str = "spsa", direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
                  stacked: bool = False, merge: str = "step", parallel=None, momentum: float = 0.0,
-                 momentum_window: int = 8):
+                 momentum_window: int = 8, normalize_window: int = 0):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
@@ -110,7 +117,10 @@ class MeZO(Evaluation, torch.optim.Optimizer):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if not (isinstance(momentum_window, int) and momentum_window >= 1):
             raise ValueError(f"momentum_window must be an integer >= 1, got {momentum_window!r}")
+        if not (isinstance(normalize_window, int) and normalize_window >= 0):
+            raise ValueError(f"normalize_window must be an integer >= 0, got {normalize_window!r}")
         self.momentum, self.momentum_window = float(momentum), momentum_window
+        self.normalize_window = normalize_window
         self.merge = merge
         self._factored = FactoredUpdates(seed) if merge == "resample" else None
         self.estimator = estimate.get(estimator)
@@ -169,12 +179,20 @@ class MeZO(Evaluation, torch.optim.Optimizer):
         record = self._pending
         record.lrs = [float(group["lr"]) for group in self.param_groups]
         record.weight_decays = [float(group["weight_decay"]) for group in self.param_groups]
+        if self.normalize_window:
+            record.coeffs = self._normalized(record)
         if self.momentum and self.momentum_window > 1:
             record.echoes = self._echoes()
         self._commit(record)
         self._pending = None
         self.steps_done += 1
         return loss
+
+    def _normalized(self, record: TrajectoryStep) -> list[float]:
+        earlier = self._history[max(0, len(self._history) - self.normalize_window + 1):]
+        recent = [g for step in earlier for g in step.grads] + list(record.grads)
+        rms = math.sqrt(sum(g * g for g in recent) / len(recent))
+        return [c / rms if rms > 0 else 0.0 for c in record.coefficients()]
 
     def _echoes(self) -> list[list]:
         """β^k times the coefficients of the step k steps back, for 0 < k < the window, with their seeds."""

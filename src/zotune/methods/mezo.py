@@ -138,6 +138,10 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
                              "ago (k < --momentum-window), regenerated from its seed: no buffer, but the update "
                              "makes --momentum-window passes over the weights (dense and sparse directions)")
     momentum_window: int = option(8, "--momentum: how many steps' estimates one update combines")
+    normalize_window: int = option(0, "divide each update by the RMS of the projected gradients of the last N steps "
+                                   "(0: off): the step no longer follows the gradient's scale, so a jump in |g| does "
+                                   "not run away and a plateau's small gradients still move; --lr-zo is then the "
+                                   "step in units of the direction")
     n_samples_final: int = option(0, "grow the directions per step linearly from --n-samples at the first step to "
                                   "this at the last (0: --n-samples throughout): fewer forwards while the steps are "
                                   "large, a lower-variance estimate when they get small")
@@ -160,7 +164,7 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.momentum and self.direction == "lowrank":
             raise UserError("--momentum adds earlier directions again, and a low-rank one depends on the V of its "
                             "interval: use --direction gaussian, rademacher or sparse")
-        check_non_negative(self, "n_samples_final")
+        check_non_negative(self, "n_samples_final", "normalize_window")
         least = estimator_of(self.estimator).min_samples
         if 0 < self.n_samples_final < least:
             raise UserError(f"--n-samples-final: --estimator {self.estimator} needs at least {least} directions a step")
@@ -195,7 +199,8 @@ class MeZOMethod(Method):
         with settings_errors():
             self.zo = MeZO(decay_groups(self.model.named_parameters(), self.config.weight_decay),
                            lr=self.config.lr_zo, seed=self.seed, momentum=self.config.momentum,
-                           momentum_window=self.config.momentum_window, **zo_options(self.config))
+                           momentum_window=self.config.momentum_window,
+                           normalize_window=self.config.normalize_window, **zo_options(self.config))
         self.optimizer = self.zo
 
     def distribute(self, parallel) -> None:

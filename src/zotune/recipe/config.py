@@ -30,7 +30,7 @@ from zotune.recipe import presets
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
-# 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps.
+# 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window.
 FORMAT = 6
 
 
@@ -56,9 +56,9 @@ class TrainConfig:
     preset: str = option(presets.NONE, presets.describe, choices=presets.names)
     steps: int = option(1000, "optimizer steps")
     batch_size: int = option(16, "training examples per step")
-    lr_schedule: str = option("constant", "how every learning rate of the method changes over the --steps: "
-                              "constant, linear (down to 0 at the last step) or cosine (likewise, half a cosine)",
-                              choices=("constant", "linear", "cosine"))
+    lr_schedule: str = option("constant", "how the learning rates change over the --steps: constant, linear (down "
+                              "to 0 at the last step) or cosine (likewise, half a cosine); lmao's and hzo's --lr-fo "
+                              "keep their own linear decay", choices=("constant", "linear", "cosine"))
     warmup_steps: int = option(0, "steps over which the learning rates rise linearly from 0 before the schedule")
     eval_every: int = option(0, "evaluate on the dev set every N steps (0: never during training)")
     zero_shot: bool = option(True, "evaluate on the test set before training")

@@ -42,10 +42,10 @@ def test_zo_options_reach_the_optimizer_and_the_run_folder(tiny_model_dir, tmp_p
             "--direction", "rademacher", "--estimator", "one-sided", "--no-stochastic-rounding", "--n-samples", "2",
             "--eps", "0.01"]
     assert cli.main(args) == 0
-    momentum = dict(momentum=0.0, momentum_window=8) if method == "mezo" else {}  # mezo's own options
+    own = dict(momentum=0.0, momentum_window=8, normalize_window=0) if method == "mezo" else {}  # mezo's alone
     assert mezo_calls[0] == dict(lr=mezo_calls[0]["lr"], eps=0.01, n_samples=2, seed=3, direction="rademacher",
                                  estimator="one-sided", stochastic_rounding=False, stacked=False,
-                                 merge="step", **momentum)
+                                 merge="step", **own)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert (saved["direction"], saved["estimator"], saved["stochastic_rounding"]) == ("rademacher", "one-sided", False)
 

@@ -48,6 +48,33 @@ def assert_same(a: dict, b: dict):
         assert torch.equal(a[name], b[name]), name
 
 
+def assert_replays_and_resumes(tmp_path, options: dict, steps: int = 6):
+    """A MeZO run of ``steps`` on a tiny model with ``options`` gives the same weights replayed from its trajectory,
+    and resumed halfway from its state dict onto weights replayed that far."""
+    import zotune
+
+    model = tiny_model("llama")
+    optimizer = zotune.MeZO(model.named_parameters(), **options)
+    half = steps // 2
+    for step in range(half):
+        optimizer.step(lm_closure(model, seed=step))
+    state = optimizer.state_dict()
+    for step in range(half, steps):
+        optimizer.step(lm_closure(model, seed=step))
+    optimizer.trajectory.save(tmp_path / "trajectory.json")
+    replayed = tiny_model("llama")
+    zotune.replay(replayed.named_parameters(), tmp_path / "trajectory.json")
+    assert_same(snapshot(replayed), snapshot(model))
+    resumed = tiny_model("llama")
+    recorded = optimizer.trajectory.to_dict()
+    zotune.replay(resumed.named_parameters(), {**recorded, "steps": recorded["steps"][:half]})
+    again = zotune.MeZO(resumed.named_parameters(), **options)
+    again.load_state_dict(state)
+    for step in range(half, steps):
+        again.step(lm_closure(resumed, seed=step))
+    assert_same(snapshot(resumed), snapshot(model))
+
+
 FAMILIES = ["llama", "opt", "gpt2"]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import zotune
-from tests.conftest import assert_same, lm_closure, snapshot, tiny_model
+from tests.conftest import assert_replays_and_resumes, tiny_model
 
 from .test_optim import Linear, z_of
 
@@ -28,27 +28,8 @@ def test_an_update_is_the_heavy_ball_sum_over_the_window():
 
 
 def test_momentum_replays_and_resumes_bit_identically(tmp_path):
-    model = tiny_model("llama")
-    options = dict(lr=1e-2, eps=1e-2, momentum=0.9, momentum_window=4, seed=2)
-    optimizer = zotune.MeZO(model.named_parameters(), **options)
-    for step in range(3):
-        optimizer.step(lm_closure(model, seed=step))
-    state = optimizer.state_dict()
-    for step in range(3, 6):
-        optimizer.step(lm_closure(model, seed=step))
-    optimizer.trajectory.save(tmp_path / "trajectory.json")
-    replayed = tiny_model("llama")
-    zotune.replay(replayed.named_parameters(), tmp_path / "trajectory.json")
-    assert_same(snapshot(replayed), snapshot(model))
-    # Resumed after step 3 from the state dict: the echoes of steps 4-6 reach back before the resume.
-    resumed = tiny_model("llama")
-    zotune.replay(resumed.named_parameters(), {**optimizer.trajectory.to_dict(),
-                                                "steps": optimizer.trajectory.to_dict()["steps"][:3]})
-    again = zotune.MeZO(resumed.named_parameters(), **options)
-    again.load_state_dict(state)
-    for step in range(3, 6):
-        again.step(lm_closure(resumed, seed=step))
-    assert_same(snapshot(resumed), snapshot(model))
+    # Resumed after step 3: the echoes of steps 4-6 reach back before the resume.
+    assert_replays_and_resumes(tmp_path, dict(lr=1e-2, eps=1e-2, momentum=0.9, momentum_window=4, seed=2))
 
 
 def test_momentum_refuses_low_rank_directions_and_bad_values():

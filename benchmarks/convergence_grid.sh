@@ -9,7 +9,7 @@ $grid mezo --lr-zo 3e-5 --eps 1e-3 --batch-size 4  # 1e-4 at batch 4 diverged (l
 $grid mezo-sparse --lr-zo 3e-5,1e-4,3e-4 --eps 1e-3
 $grid mezo-lowrank --lr-zo 1e-4,3e-4 --eps 1e-3
 $grid mezo-prefix --lr-zo 1e-2,3e-2,1e-1 --eps 1e-1
-$grid mezo-lora --lr-zo 3e-4,1e-2 --eps 1e-2
+$grid mezo-lora --lr-zo 3e-4,1e-3,3e-3,1e-2 --eps 1e-2
 $grid mezo-momentum --lr-zo 1e-5,3e-5 --eps 1e-3
 $grid fzoo --lr-zo 1e-6,3e-6,1e-5 --eps 1e-3
 $grid mezo-normalized --lr-zo 1e-3,3e-3 --eps 1e-3

@@ -323,10 +323,10 @@ def lr_factor(schedule: str, step: int, steps: int, warmup: int = 0) -> float:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
-    remaining = (steps - step) / max(1, steps - warmup)
+    remaining = (steps - step) / max(1, steps - warmup)  # in (0, 1]: the loop runs step < steps
     if schedule == "linear":
-        return max(0.0, remaining)
-    return 0.5 * (1 + math.cos(math.pi * (1 - max(0.0, remaining))))
+        return remaining
+    return 0.5 * (1 + math.cos(math.pi * (1 - remaining)))
 
 
 def peak_memory_mb() -> float:

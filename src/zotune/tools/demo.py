@@ -78,7 +78,8 @@ def measured_curve(label: str, task: str = "rt-sst2", results: Path = CONVERGENC
     by_budget: dict[int, list[float]] = {}
     seeds = 0
     for curve in curves:
-        if curve["task"] == task and curve["label"] == label and curve["folder"][4:].isdigit() and curve["points"]:
+        current = curve["folder"] == f"seed{curve['seed']}"  # not an older run kept aside as seedN.K-steps
+        if curve["task"] == task and curve["label"] == label and current and curve["points"]:
             seeds += 1
             for point in curve["points"]:
                 by_budget.setdefault(point["example_forwards"], []).append(point["test_accuracy"])

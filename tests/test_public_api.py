@@ -8,7 +8,7 @@ from zotune.recipe.train import train
 
 from .recipe.test_train import config
 
-PUBLIC = ["Dense", "Direction", "HZO", "LMAO", "LowRank", "MeZO", "Trajectory", "TrajectoryStep", "ZOTrainer",
+PUBLIC = ["Dense", "Direction", "ES", "HZO", "LMAO", "LowRank", "MeZO", "Trajectory", "TrajectoryStep", "ZOTrainer",
           "__version__", "decay_groups", "read_run", "replay"]
 
 

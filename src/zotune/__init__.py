@@ -1,6 +1,7 @@
 """zotune: fine-tune large language models when GPU memory is the limit."""
 
 from zotune.core.directions import Dense, Direction, LowRank
+from zotune.core.es import ES
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.trajectory import Trajectory, TrajectoryStep
 
@@ -23,6 +24,7 @@ __all__ = [
     "HZO",
     "LMAO",
     "Dense",
+    "ES",
     "Direction",
     "LowRank",
     "MeZO",

@@ -6,7 +6,8 @@ import pytest
 from zotune import methods
 from zotune.assets import models
 from zotune import tasks
-from zotune.tasks.scoring import Scorer, loss_function
+from zotune.tasks.objectives import loss_function
+from zotune.tasks.scoring import Scorer
 
 from ..host_sync import HostSync
 

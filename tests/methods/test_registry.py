@@ -61,7 +61,7 @@ def test_a_registered_method_is_in_the_cli_help(toy, capsys):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--toy-scale TOY_SCALE multiplies the loss [toy; default: 1.0]" in text
-    assert "toy: Plain SGD on every weight (a test method)" in text and "{mezo,lmao,hzo,lora-ft,ft,toy}" in text
+    assert "toy: Plain SGD on every weight (a test method)" in text and "{mezo,es,lmao,hzo,lora-ft,ft,toy}" in text
 
 
 def test_a_registered_method_trains_resumes_and_evaluates(toy, tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -114,7 +114,7 @@ def test_options_of_one_name_must_agree_on_type(monkeypatch):
 
 
 def test_unknown_method_in_a_config_file_is_a_user_error():
-    with pytest.raises(UserError, match="unknown method 'adam': choose one of mezo, lmao, hzo, lora-ft, ft"):
+    with pytest.raises(UserError, match="unknown method 'adam': choose one of mezo, es, lmao, hzo, lora-ft, ft"):
         cfg.from_mapping({"method": "adam"})
 
 
@@ -127,5 +127,5 @@ def test_flat_options_split_into_run_fields_and_the_methods_own():
     assert cfg.from_mapping(flat) == config
     defaults = {name: {rate: getattr(entry.config(), rate) for rate in methods.RATES if hasattr(entry.config(), rate)}
                 for name, entry in methods.METHODS.items()}
-    assert defaults == {"mezo": {"lr_zo": 1e-6}, "ft": {"lr_fo": 1e-5}, "lora-ft": {"lr_fo": 1e-4},
+    assert defaults == {"mezo": {"lr_zo": 1e-6}, "es": {"lr_zo": 1e-6}, "ft": {"lr_fo": 1e-5}, "lora-ft": {"lr_fo": 1e-4},
                         "lmao": {"lr_zo": 1e-6, "lr_fo": 1e-4}, "hzo": {"lr_zo": 1e-6, "lr_fo": 1e-4}}

@@ -9,7 +9,8 @@ from zotune.assets import models
 from zotune import tasks
 from zotune.tasks import catalogue
 from zotune.tasks.metrics import exact_match, token_f1
-from zotune.tasks.scoring import Scorer, evaluate, loss_function
+from zotune.tasks.objectives import evaluate, loss_function
+from zotune.tasks.scoring import Scorer
 from zotune.recipe.train import train
 
 from ..conftest import save_tiny_model

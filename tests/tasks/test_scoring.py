@@ -3,7 +3,8 @@ import torch
 
 from zotune.assets import models
 from zotune.errors import UserError
-from zotune.tasks.scoring import Scorer, evaluate
+from zotune.tasks.objectives import evaluate
+from zotune.tasks.scoring import Scorer
 from zotune.tasks.catalogue import Example, Task
 
 from ..conftest import save_tiny_model

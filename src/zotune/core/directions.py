@@ -219,6 +219,32 @@ class LowRank(Direction):
         u, v = self.factors(weight.shape, key, draw, weight.device)
         return _add_low_rank(module, inputs, output, u, v, eps)
 
+    def perturb_outputs(self, module, weight, inputs, output, key, copies, cache: dict) -> torch.Tensor:
+        """The layer's output for a batch repeated once per copy (copy-major), copy k under ``W + eps_k U_k V^T``:
+        one batched GEMM for all copies. ``copies``: (draw, eps) pairs of one step (one V); ``cache`` keeps the
+        stacked eps_k U_k of each key for the life of the population (a decoding's every token reuses them)."""
+        n, dtype = len(copies), output.dtype
+        scaled = cache.get((key, dtype))
+        if scaled is None:  # eps_k U_k of every copy, made once (without a host-to-device copy) per population
+            scaled = cache[(key, dtype)] = torch.stack([
+                self.factors(weight.shape, key, draw, weight.device)[0].to(dtype) * eps for draw, eps in copies])
+        first = copies[0][0]
+        v = self._v(weight.shape[1], key, first.base_seed, first.step // self.interval, weight.device).to(dtype)
+        if (output.requires_grad and torch.is_grad_enabled()) or not output.is_contiguous():
+            output = output.clone(memory_format=torch.contiguous_format)
+        rows = output.view(n, -1, output.shape[-1])
+        kind = _layer_kind(module)
+        if kind == "Embedding":  # y = W[ids]: each copy's U rows of its ids, times V^T
+            ids = inputs[0].reshape(n, -1, 1).expand(-1, -1, self.rank)
+            rows.baddbmm_(scaled.gather(1, ids), v.T.expand(n, -1, -1))
+        else:
+            x = inputs[0].reshape(n, -1, inputs[0].shape[-1]).to(dtype)
+            if kind == "Linear":  # y = x W^T, W (out, in): (x V) U_k^T
+                rows.baddbmm_(x @ v, scaled.transpose(1, 2))
+            else:  # Conv1D: y = x W, W (in, out): (x U_k) V^T
+                rows.baddbmm_(torch.bmm(x, scaled), v.T.expand(n, -1, -1))
+        return output
+
     def update_(self, weight, key, draws, coeffs, lr, weight_decay, rounding_seed):
         if weight.ndim != 2:
             return self._dense.update_(weight, key, draws, coeffs, lr, weight_decay, rounding_seed)

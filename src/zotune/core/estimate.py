@@ -65,7 +65,52 @@ class FZOO(OneSided):
         return estimate
 
 
-ESTIMATORS = {cls.name: cls() for cls in (TwoSided, OneSided, FZOO)}
+def centred_ranks(values: list[float]) -> list[float]:
+    """Each value's rank scaled to [-0.5, 0.5] (ties share their mean rank): the fitness shaping of
+    OpenAI's ES, blind to the rewards' scale and outliers."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2
+        start = end + 1
+    top = max(len(values) - 1, 1)
+    return [rank / top - 0.5 for rank in ranks]
+
+
+def z_scores(values: list[float]) -> list[float]:
+    """(r - mean) / std over the population (ES at scale); all equal: all 0, no signal."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    return [(v - mean) / std if std > 0 else 0.0 for v in values]
+
+
+class Evolution(TwoSided):
+    """Evolution strategies on rewards (higher is better) at antithetic pairs W ± sigma z_j: the N = 2n rewards
+    are shaped (centred ranks or z-scores) and the update is W <- W + lr sum_i r~_i z_i / (N sigma), that is
+    coefficient -(r~_j+ - r~_j-) / (N sigma) for direction j. ``grads`` are the projected gradients of minus the
+    raw reward; the step reports the mean reward."""
+
+    min_samples = 1
+
+    def __init__(self, name: str, shaping):
+        self.name, self.shaping = name, shaping
+
+    def combine(self, rewards: list[float], n: int, eps: float) -> Estimate:
+        shaped = self.shaping(rewards)
+        population = 2 * n
+        grads = [-(rewards[2 * j] - rewards[2 * j + 1]) / (2 * eps) for j in range(n)]
+        coeffs = [-(shaped[2 * j] - shaped[2 * j + 1]) / (population * eps) for j in range(n)]
+        return Estimate(grads, coeffs, sum(rewards) / len(rewards))
+
+
+SHAPINGS = {"ranks": centred_ranks, "zscore": z_scores}
+ESTIMATORS = {estimator.name: estimator for estimator in (
+    TwoSided(), OneSided(), FZOO(), *(Evolution(f"es-{name}", shaping) for name, shaping in SHAPINGS.items()))}
 
 
 def get(name: str):

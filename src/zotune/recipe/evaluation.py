@@ -13,7 +13,8 @@ from zotune.recipe.config import TrainConfig, from_mapping, load_run
 from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
 from zotune.methods.adapters import quiet_prefix_forward
-from zotune.tasks.scoring import Scorer, evaluate
+from zotune.tasks.objectives import evaluate
+from zotune.tasks.scoring import Scorer
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newer and older
 

@@ -27,10 +27,12 @@ from zotune.recipe import report
 from zotune import tasks
 from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
 from zotune.recipe.config import TrainConfig, from_mapping, load_run, upgrade
+from zotune.core.rng import hash64
 from zotune.engine import distributed
 from zotune.errors import UserError
 from zotune.methods.registry import flag
-from zotune.tasks.scoring import Scorer, evaluate, loss_function, metric_of
+from zotune.tasks.objectives import evaluate, loss_function, metric_of
+from zotune.tasks.scoring import Scorer
 
 RUN_FILES = ("config.yaml", "samples.json", "metrics.jsonl", "checkpoint", "checkpoint.old", "checkpoint.partial",
              "model", "adapter", "first_order.safetensors",
@@ -216,7 +218,8 @@ class Run:
         batch = self.batch(step)
         if self.parallel is not None:
             batch = self.parallel.batch_slice(batch)
-        loss_fn = loss_function(self.scorer, self.task, batch, self.config.objective)
+        loss_fn = loss_function(self.scorer, self.task, batch, self.config.objective, self.config.temperature,
+                                seed=hash64("zotune-sampling", self.config.seed, step))
         factor = lr_factor(self.config.lr_schedule, step, self.config.steps, self.config.warmup_steps)
         for group, base in zip(self.method.scheduled_groups, self.base_lrs):
             group["lr"] = base * factor

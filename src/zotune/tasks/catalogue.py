@@ -9,11 +9,12 @@ a metric. Built in:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 from zotune.errors import UserError, reason, unknown
-from zotune.tasks import hub, offline
+from zotune.tasks import hub, offline, verifiable
 from zotune.tasks.examples import Example, Task, class_words, fixed_split, parse_candidates, prompt_template
 
 TASKS = ("rt-sst2", "sst2", "csv", "jsonl")
@@ -21,7 +22,18 @@ SST2_TEMPLATE = "{text} It was"
 SST2_CLASSES, SST2_WORDS = ("negative", "positive"), ("terrible", "great")
 SST2_ALIASES = (("neg", "pos"),)  # how else a user may name the two classes in --candidates
 def build_task(config) -> Task:
-    """The task named by ``config.task`` (a :class:`zotune.recipe.config.TrainConfig`)."""
+    """The task named by ``config.task`` (a :class:`zotune.recipe.config.TrainConfig`), scored by ``config.reward``
+    when one is given."""
+    task = _build(config)
+    reward = getattr(config, "reward", None)
+    if reward:
+        if task.format != "generation":
+            raise UserError(f"--reward scores decoded answers; {task.name} has candidates: use a generation task")
+        task = dataclasses.replace(task, reward=reward)
+    return task
+
+
+def _build(config) -> Task:
     name = config.task
     if name in BUILDERS:
         return BUILDERS[name](config)
@@ -168,5 +180,5 @@ def _jsonl_rows(path: Path):
             yield line_number, row
 
 
-BUILDERS = {**offline.BUILDERS, **hub.BUILDERS}
+BUILDERS = {**offline.BUILDERS, **verifiable.BUILDERS, **hub.BUILDERS}
 TASKS = TASKS + tuple(name for name in BUILDERS if name not in TASKS)

@@ -57,6 +57,8 @@ class Task:
     format: str = "classification"  # one of FORMATS
     prefix: str = ""  # in-context demonstrations put before every prompt
     separator: str = " "  # between a prompt and its continuation ("" after a prompt that ends in a newline)
+    reward: str | None = None  # generation: the reward evaluation reports (a built-in name or module:function)
+    chat: bool = False  # generation: prompts go through the tokenizer's chat template (instruction-tuned models)
 
     def prompt(self, example: Example) -> str:
         return self.prefix + self.template.format(text=example.text)

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from zotune.engine.offload import device_of
 from zotune.errors import UserError
-from zotune.tasks.metrics import exact_match, token_f1
 
 
 def _forward_accepts(model, name: str) -> bool:
@@ -280,82 +278,3 @@ class Scorer:
             ids[i, span] = torch.tensor(row)
             attention[i, span] = 1
         return ids, attention
-
-
-def metric_of(task) -> str:
-    """What a task's evaluation reports: token F1 for generation, accuracy otherwise."""
-    return "f1" if task.format == "generation" else "accuracy"
-
-
-@torch.no_grad()
-def evaluate(scorer: Scorer, task, examples, batch_size: int = 32, desc: str = "eval", progress: bool = True,
-             parallel=None) -> dict:
-    """The task's metric on ``examples``: ``{"metric", "score", "n"}`` plus the metric by name
-    (accuracy of argmax-candidate predictions; for generation tasks token F1 and exact match
-    ``em`` of greedy answers). With ``parallel`` (a multi-process run) each rank scores its
-    share of the examples and every rank gets the totals."""
-    n = len(examples)
-    if parallel is not None:
-        examples = examples[parallel.rank::parallel.world]
-    was_training = scorer.model.training
-    scorer.model.eval()
-    totals = {"accuracy": 0.0} if task.format != "generation" else {"f1": 0.0, "em": 0.0}
-    try:
-        for begin in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
-            batch = examples[begin:begin + batch_size]
-            prompts = [task.prompt(e) for e in batch]
-            if task.format == "generation":
-                for answer, example in zip(scorer.generate(prompts), batch):
-                    totals["f1"] += token_f1(answer, example.answers)
-                    totals["em"] += exact_match(answer, example.answers)
-                continue
-            choices = [task.choices(e) for e in batch] if task.format == "multiple_choice" else None
-            predictions = scorer.scores(prompts, choices=choices).argmax(1).tolist()
-            totals["accuracy"] += sum(int(e.is_right(p)) for p, e in zip(predictions, batch))
-    finally:
-        scorer.model.train(was_training)
-    if parallel is not None:
-        totals = dict(zip(totals, parallel.sum(list(totals.values()))))
-    result = {name: value / max(1, n) for name, value in totals.items()}
-    metric = metric_of(task)
-    return {"metric": metric, "score": result[metric], "n": n, **result}
-
-
-OBJECTIVES = ("loss", "accuracy", "f1")
-
-
-def loss_function(scorer: Scorer, task, examples, objective: str = "loss"):
-    """The training closure of a minibatch, ``fn(copies=None)``: the task's loss (cross-entropy
-    over the candidates, or the answer's negative log-likelihood for generation tasks), or
-    a non-differentiable objective for zeroth-order methods: minus the accuracy, or minus
-    the token F1 of greedy answers. The minibatch is tokenized and on the device when this
-    returns, so that a step's forwards wait for no host copy."""
-    prompts = [task.prompt(e) for e in examples]
-    if task.format == "generation":
-        if objective == "accuracy":
-            raise UserError(f"--objective accuracy needs a task with candidates; {task.name} is a generation task: "
-                            "use --objective f1")
-        if objective == "f1":
-            def minus_f1(copies=None):
-                if copies is not None:
-                    raise UserError("--objective f1 generates one answer set per forward: use --no-stacked "
-                                    "(and no --offload)")
-                answers = scorer.generate(prompts)
-                return -sum(token_f1(a, e.answers) for a, e in zip(answers, examples)) / len(examples)
-            return minus_f1
-        if not examples:
-            return None
-        pairs = scorer.prepare_answers(prompts, [e.answers[0] for e in examples])
-        return lambda copies=None: scorer.answer_nll(pairs, len(prompts), copies)
-    if objective == "f1":
-        raise UserError(f"--objective f1 needs a generation task; {task.name} has candidates: use --objective "
-                        "accuracy")
-    if not examples:
-        return None
-    choices = [task.choices(e) for e in examples] if task.format == "multiple_choice" else None
-    scoring = scorer.prepare(prompts, choices)
-    if objective == "accuracy":
-        is_right = scorer.right_table([[e.label, *e.also_right] for e in examples], scoring)
-        return lambda copies=None: scorer.minus_accuracy(scoring, is_right, copies)
-    labels = to_device(torch.tensor([e.label for e in examples]), scorer.device)
-    return lambda copies=None: scorer.cross_entropy(scoring, labels, copies)

@@ -54,6 +54,8 @@ def test_es_runs_resume_and_replay_bit_identically(tiny_model_dir, answers_file,
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 0, "test_reward": result["zero_shot_reward"]}
     assert all(row["reward"] >= 0 and row["loss"] == -row["reward"] for row in rows[1:])
+    # 4 copies (and once, the probe's unperturbed decoding) x 3 prompts x at most 3 tokens
+    assert all(0 < row["generated_tokens"] <= 5 * 3 * 3 for row in rows[1:])
     trained = weights(straight)
     initial = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)

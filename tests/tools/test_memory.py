@@ -67,7 +67,7 @@ def test_the_command_answers_for_a_built_in_config_and_says_what_fits(capsys):
     assert cli.main(["memory", "--model", "opt-175b", "--gpu", "24GB"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
-    assert set(rows) == {"inference", "mezo", "mezo-offload", "lora-ft", "ft", "lmao", "hzo", "hzo-offload"}
+    assert set(rows) == {"inference", "mezo", "mezo-offload", "es", "lora-ft", "ft", "lmao", "hzo", "hzo-offload"}
     assert rows["mezo"][-1] == "no" and rows["mezo-offload"][-1] == "yes"
     # The offloaded rows add the CPU RAM of the streamed blocks: 96 blocks of 12 h² fp16 weights (h 12288).
     assert len(rows["mezo"]) == 3 and float(rows["mezo-offload"][2]) == round(96 * 12 * 12288**2 * 2 / 2**30, 2)

@@ -16,6 +16,7 @@ from zotune.core.directions import LowRank
 from zotune.core.es import ES
 from zotune.core.estimate import SHAPINGS
 from zotune.core.optim import decay_groups, replay
+from zotune.methods.footprint import Footprint, Row
 from zotune.methods.registry import Method, MethodConfig, check_positive, option, save_model, settings_errors
 from zotune.errors import UserError
 
@@ -74,7 +75,11 @@ class ESMethod(Method):
     def step(self, loss_fn) -> dict:
         self.model.eval()
         reward = self.zo.step(lambda *copies: -loss_fn(*copies))  # the objective is minimised, ES maximises
-        return {"reward": reward, "loss": -reward, "lr": self.zo.param_groups[0]["lr"]}
+        record = {"reward": reward, "loss": -reward, "lr": self.zo.param_groups[0]["lr"]}
+        stats = getattr(loss_fn, "stats", None)
+        if stats:
+            record["generated_tokens"] = stats["tokens"]
+        return record
 
     def export(self, folder, model, tokenizer) -> None:
         self.zo.trajectory.save(folder / "trajectory.json")
@@ -84,3 +89,16 @@ class ESMethod(Method):
     def replay(cls, model, config: ESConfig, trajectory):
         replay(decay_groups(model.named_parameters(), config.weight_decay), trajectory)
         return model
+
+    @classmethod
+    def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
+        # The population decodes as one batch of population x batch rows: its forward's working set and its KV
+        # cache (counted with every head: an upper bound for grouped-query attention); the low-rank factors are
+        # r (m + n) a matrix and copy, small beside them.
+        # Decoding keeps the logits of the last position alone.
+        f = footprint
+        rows = ESConfig.population * f.batch
+        tokens = rows * f.length
+        working = max(tokens * (4 * f.shape.hidden + 2 * f.shape.ffn) * f.d, f.logits_of(rows))
+        kv_cache = tokens * f.shape.blocks * 2 * f.shape.hidden * f.d
+        return {"es": Row(f.weights + working + kv_cache)}

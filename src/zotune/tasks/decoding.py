@@ -75,10 +75,11 @@ def _as_list(value) -> list[int]:
 
 @torch.no_grad()
 def decode(scorer: Scorer, prompts: Prompts, copies: int = 1, temperature: float = 0.0,
-           generator: torch.Generator | None = None, stop: bool = True) -> list[str]:
+           generator: torch.Generator | None = None, stop: bool = True, stats: dict | None = None) -> list[str]:
     """The completions of ``prompts`` repeated ``copies`` times (copy-major), up to a newline, at most
     ``scorer.max_new_tokens`` tokens each: greedy, or sampled at ``temperature`` with ``generator``.
-    ``stop=False`` decodes all ``max_new_tokens`` (benchmarks: the same work for every setting)."""
+    ``stop=False`` decodes all ``max_new_tokens`` (benchmarks: the same work for every setting). ``stats``: a dict
+    whose ``"tokens"`` (tokens generated, up to each row's stop) and ``"rows"`` this adds to."""
     model, tokenizer = scorer.model, scorer.tokenizer
     ids, attention = prompts.ids.repeat(copies, 1), prompts.attention.repeat(copies, 1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -116,8 +117,12 @@ def decode(scorer: Scorer, prompts: Prompts, copies: int = 1, temperature: float
         output = model(input_ids=token[:, None], attention_mask=attention, position_ids=last[:, None],
                        **{cache_name: cache}, **extra)
     tokens = torch.stack(generated, dim=1).tolist()
-    texts = []
+    texts, stop_list = [], stops.tolist()
     for row in tokens:
-        cut = next((i for i, t in enumerate(row) if t < len(stops) and bool(stops[t])), len(row))
+        cut = next((i for i, t in enumerate(row) if t < len(stop_list) and stop_list[t]), None)
         texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        if stats is not None:
+            stats["tokens"] = stats.get("tokens", 0) + (len(row) if cut is None else cut + 1)
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + len(tokens)
     return texts

@@ -105,14 +105,16 @@ def loss_function(scorer: Scorer, task, examples, objective: str = "loss", tempe
         if not examples:
             return None
         prepared = decoding.prepare(scorer, prompts, task.chat)
+        stats = {}
 
         def minus_reward(copies=None):
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            answers = decoding.decode(scorer, prepared, copies or 1, temperature, generator)
+            answers = decoding.decode(scorer, prepared, copies or 1, temperature, generator, stats=stats)
             values = torch.tensor(rewards_of(task, examples * (copies or 1), prompts * (copies or 1), answers),
                                   dtype=torch.float64).view(copies or 1, len(examples))
             means = -values.mean(dim=1)
             return means if copies is not None else means[0]
+        minus_reward.stats = stats  # the tokens decoded, for the step's record
         return minus_reward
     if task.format == "generation":
         if objective == "accuracy":

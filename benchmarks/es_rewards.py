@@ -32,7 +32,7 @@ COMMON = dict(model="smollm2", n_train=240, n_dev=0, n_test=60, batch_size=8, ma
               save_every=5, checkpoint="trajectory", progress=False)
 RECIPES = {
     "es-lowrank": dict(method="es"),
-    "es-dense": dict(method="es", direction="gaussian", stacked=False),
+    "es-dense": dict(method="es", direction="gaussian", stacked=False, materialize=True),
     "mezo-nll": dict(method="mezo", objective="loss", lr_zo=1e-5, eps=1e-3),
 }
 

@@ -121,3 +121,20 @@ def test_noise_is_uncorrelated_across_parameters_and_members(direction):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ES(Target().parameters(), lr=0.1, **kwargs)
+
+
+def test_materialized_copies_evaluate_and_train_as_per_module_ones():
+    """Building each copy's whole weights once per evaluation changes where W + σz lives, not what the forward
+    sees: the same rewards and the same weights, bit for bit."""
+    runs = []
+    for materialize in (False, True):
+        model = tiny_model("llama")
+        optimizer = ES(model.named_parameters(), lr=1e-2, sigma=1e-2, population=4, seed=2, materialize=materialize)
+        for step in range(3):
+            loss = lm_closure(model, seed=step)
+            optimizer.step(lambda: -loss())
+        runs.append((snapshot(model), optimizer.trajectory))
+    assert_same(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    with pytest.raises(ValueError, match="stacked=False"):
+        ES(tiny_model("llama").parameters(), lr=0.1, stacked=True, materialize=True)

@@ -44,7 +44,8 @@ def weights(out):
     return load_file(out / "model" / "model.safetensors")
 
 
-@pytest.mark.parametrize("options", [{}, {"direction": "gaussian", "stacked": False, "shaping": "zscore"},
+@pytest.mark.parametrize("options", [{}, {"direction": "gaussian", "stacked": False, "shaping": "zscore",
+                                          "materialize": True},
                                      {"checkpoint": "trajectory", "save_every": 1, "temperature": 1.0}],
                          ids=["lowrank-stacked", "dense-one-by-one", "trajectory-sampled"])
 def test_es_runs_resume_and_replay_bit_identically(tiny_model_dir, answers_file, tmp_path, monkeypatch, options):
@@ -92,6 +93,7 @@ def test_a_users_reward_trains_and_a_broken_one_is_one_line(tiny_model_dir, answ
 @pytest.mark.parametrize("extra, message", [
     ({"task": "csv"}, "has candidates: use a generation task"),
     ({"population": 3}, "even number"),
+    ({"materialize": True}, "add --no-stacked"),
     ({"reward": "exact-match", "objective": "loss"}, "add --objective reward"),
     ({"reward": "nope"}, "unknown reward 'nope'")])
 def test_bad_es_settings_are_one_line(tiny_model_dir, answers_file, tmp_path, extra, message):

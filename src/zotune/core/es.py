@@ -35,20 +35,22 @@ class ES(MeZO):
         population: perturbed copies per step, an even number (``population / 2`` seeds, each
             evaluated at +σz and -σz).
         shaping: ``"ranks"`` (centred ranks in [-0.5, 0.5]) or ``"zscore"`` ((r - mean) / std).
-        weight_decay, direction, seed, stochastic_rounding, stacked, merge, parallel: as for
-            :class:`~zotune.core.optim.MeZO`.
+        weight_decay, direction, seed, stochastic_rounding, stacked, merge, parallel, materialize: as
+            for :class:`~zotune.core.optim.MeZO` (``materialize`` suits dense directions decoded one copy after
+            another).
     """
 
     def __init__(self, params, lr: float, sigma: float = 1e-3, population: int = 8, shaping: str = "ranks",
                  weight_decay: float = 0.0, direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
-                 stacked: bool = False, merge: str = "step", parallel=None):
+                 stacked: bool = False, merge: str = "step", parallel=None, materialize: bool = False):
         if not (isinstance(population, int) and population >= 2 and population % 2 == 0):
             raise ValueError(f"population must be an even integer >= 2 (antithetic pairs), got {population!r}")
         if shaping not in SHAPINGS:
             raise ValueError(f"unknown shaping {shaping!r}: use one of {', '.join(SHAPINGS)}")
         super().__init__(params, lr=lr, eps=sigma, weight_decay=weight_decay, n_samples=population // 2,
                          estimator=f"es-{shaping}", direction=direction, seed=seed,
-                         stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge, parallel=parallel)
+                         stochastic_rounding=stochastic_rounding, stacked=stacked, merge=merge, parallel=parallel,
+                         materialize=materialize)
 
     @property
     def population(self) -> int:

@@ -52,11 +52,11 @@ class Evaluation:
         if draw is None:
             return closure()
         signature = frozenset(id(item.param) for item in active)
+        if getattr(self, "materialize", False):  # every perturbed weight built once, for the whole evaluation
+            with Perturbation(active, draw, eps, whole=signature, scratch=self._scratch_for(active)):
+                return closure()
         outside = self._read_outside.get(signature)
-        # Fresh host allocations of a weight's size cost page faults on every forward, so CPU buffers are kept
-        # between evaluations; a GPU's caching allocator reuses memory by itself, and buffers kept there would
-        # add to the peak of whatever runs between steps (LMAO's and HZO's first-order phases).
-        scratch = self._scratch if all(item.param.device.type == "cpu" for item in active) else None
+        scratch = self._scratch_for(active)
         if outside is None:  # first evaluation of this set: find parameters read outside their modules
             with Perturbation(active, draw, eps, probe=True, scratch=scratch) as probe:
                 loss = closure()
@@ -67,6 +67,12 @@ class Evaluation:
                 return loss
         with Perturbation(active, draw, eps, whole=outside, scratch=scratch):
             return closure()
+
+    def _scratch_for(self, active):
+        # Fresh host allocations of a weight's size cost page faults on every forward, so CPU buffers are kept
+        # between evaluations; a GPU's caching allocator reuses memory by itself, and buffers kept there would
+        # add to the peak of whatever runs between steps (LMAO's and HZO's first-order phases).
+        return self._scratch if all(item.param.device.type == "cpu" for item in active) else None
 
     def _evaluate_stacked(self, closure, active, plan):
         if frozenset(id(item.param) for item in active) not in self._read_outside:

@@ -95,12 +95,16 @@ class MeZO(Evaluation, torch.optim.Optimizer):
             small gradients of a plateau move them as much as the large ones of the start.
             ``lr`` is then the step in units of z. No state: the recent gradients are in the
             step records.
+        materialize: build every perturbed weight once per evaluation (a whole perturbed copy of
+            the trained weights in memory while the closure runs) instead of once per forward of
+            its module: for closures that run the model many times, such as decoding, where a
+            dense direction would otherwise be regenerated at every token.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_samples: int = 1,
                  estimator: str = "spsa", direction="gaussian", seed: int = 0, stochastic_rounding: bool = True,
                  stacked: bool = False, merge: str = "step", parallel=None, momentum: float = 0.0,
-                 momentum_window: int = 8, normalize_window: int = 0):
+                 momentum_window: int = 8, normalize_window: int = 0, materialize: bool = False):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
@@ -119,6 +123,9 @@ class MeZO(Evaluation, torch.optim.Optimizer):
             raise ValueError(f"momentum_window must be an integer >= 1, got {momentum_window!r}")
         if not (isinstance(normalize_window, int) and normalize_window >= 0):
             raise ValueError(f"normalize_window must be an integer >= 0, got {normalize_window!r}")
+        self.materialize = bool(materialize)
+        if self.materialize and stacked:
+            raise ValueError("materialize builds one perturbed copy of the weights per evaluation: use stacked=False")
         self.momentum, self.momentum_window = float(momentum), momentum_window
         self.normalize_window = normalize_window
         self.merge = merge

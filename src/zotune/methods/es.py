@@ -38,10 +38,15 @@ class ESConfig(MethodConfig):
                            "--no-stacked decodes the copies one after another")
     stochastic_rounding: bool = option(True, "round bf16/fp16 weight updates stochastically (unbiased) rather than "
                                        "to nearest")
+    materialize: bool = option(False, "with --no-stacked: build each copy's perturbed weights once for its whole "
+                               "decoding (one more copy of the weights in memory) instead of at every token; the "
+                               "fast way to decode dense directions")
 
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, "lr_zo", "sigma", "population", "rank", "resample_every")
+        if self.materialize and self.stacked:
+            raise UserError("--materialize builds one copy's weights at a time: add --no-stacked")
         if self.population % 2:
             raise UserError(f"--population counts antithetic pairs (+z and -z): give an even number, not "
                             f"{self.population}")
@@ -69,7 +74,8 @@ class ESMethod(Method):
             self.zo = ES(decay_groups(model.named_parameters(), config.weight_decay), lr=config.lr_zo,
                          sigma=config.sigma, population=config.population, shaping=config.shaping,
                          direction=config.direction_object(), seed=seed,
-                         stochastic_rounding=config.stochastic_rounding, stacked=config.stacked)
+                         stochastic_rounding=config.stochastic_rounding, stacked=config.stacked,
+                         materialize=config.materialize)
         self.optimizer = self.zo
 
     def step(self, loss_fn) -> dict:

@@ -10,7 +10,7 @@ every 5 steps), so a budget can span sessions.
     python benchmarks/es_rewards.py table        # JSON, Markdown, plot
 
 Recipes: ``es-lowrank`` (the ES default: rank-4 output deltas, population 8, one batch), ``es-dense`` (dense
-Gaussian directions, the copies one after another) and ``mezo-nll`` (the supervised forward-only baseline: MeZO on
+Gaussian directions, the copies one after another, each copy's weights built once: ``--materialize``) and ``mezo-nll`` (the supervised forward-only baseline: MeZO on
 the gold answer's negative log-likelihood). Zero-shot is every run's step 0.
 """
 

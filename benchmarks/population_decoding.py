@@ -4,8 +4,9 @@ against plain batched greedy decoding of the same N x B rows.
 Each setting decodes exactly ``--new-tokens`` tokens a row (no early stop), so all do the same number of forwards;
 tokens/s counts every generated token of every row. Settings: ``plain`` (no perturbation, zotune's decode loop),
 ``generate`` (Hugging Face ``model.generate``, the same rows), ``lowrank-rR`` (each copy's rows carry their own
-rank-R output deltas, the ES default), ``dense`` (each copy's weights substituted per layer: the exact dense
-population, for comparison).
+rank-R output deltas, the ES default), ``dense`` (each copy's weights substituted per layer and token inside the
+one batch), ``dense-materialized`` (the copies one after another, each copy's whole weights built once: ES's
+``--no-stacked --materialize``).
 
     python benchmarks/population_decoding.py --model smollm2 --copies 8 --prompts 4 --new-tokens 16
 """
@@ -21,7 +22,7 @@ import torch
 
 from zotune.assets import models
 from zotune.core.directions import Dense, Draw, LowRank
-from zotune.core.perturb import PerturbedParam, StackedPerturbation
+from zotune.core.perturb import Perturbation, PerturbedParam, StackedPerturbation
 from zotune.core.rng import derive_seed
 from zotune.tasks import decoding
 from zotune.tasks.scoring import Scorer
@@ -78,8 +79,17 @@ def main():
 
     settings = {"plain": plain, "generate": generate}
     settings.update({f"lowrank-r{r}": perturbed(LowRank(rank=int(r), interval=1)) for r in args.ranks.split(",")})
+    def materialized():
+        params = [PerturbedParam(p, name, Dense("gaussian")) for name, p in model.named_parameters()]
+        every = {id(p) for p in model.parameters()}
+        for k in range(args.copies):
+            draw = Draw(0, 0, derive_seed(0, 0, k // 2))
+            with torch.no_grad(), Perturbation(params, draw, 1e-3 * (1 if k % 2 == 0 else -1), whole=every):
+                decoding.decode(scorer, prompts, stop=False)
+
     if args.dense:
         settings["dense"] = perturbed(Dense("gaussian"))
+        settings["dense-materialized"] = materialized
     results = {}
     with torch.no_grad():
         for name, function in settings.items():

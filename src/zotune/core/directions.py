@@ -224,16 +224,18 @@ class LowRank(Direction):
         one batched GEMM for all copies. ``copies``: (draw, eps) pairs of one step (one V); ``cache`` keeps the
         stacked eps_k U_k of each key for the life of the population (a decoding's every token reuses them)."""
         n, dtype = len(copies), output.dtype
-        scaled = cache.get((key, dtype))
-        if scaled is None:  # eps_k U_k of every copy, made once (without a host-to-device copy) per population
-            scaled = cache[(key, dtype)] = torch.stack([
-                self.factors(weight.shape, key, draw, weight.device)[0].to(dtype) * eps for draw, eps in copies])
-        first = copies[0][0]
-        v = self._v(weight.shape[1], key, first.base_seed, first.step // self.interval, weight.device).to(dtype)
+        entry = cache.get((key, dtype))
+        if entry is None:  # eps_k U_k of every copy and V, made once (no host-to-device copy) per population
+            first = copies[0][0]
+            scaled = torch.stack([self.factors(weight.shape, key, draw, weight.device)[0].to(dtype) * eps
+                                  for draw, eps in copies])
+            v = self._v(weight.shape[1], key, first.base_seed, first.step // self.interval, weight.device).to(dtype)
+            entry = cache[(key, dtype)] = (scaled, v)
+        scaled, v = entry
+        kind = _layer_kind(module)  # not cached with the factors: a tied weight is read by two kinds of layer
         if (output.requires_grad and torch.is_grad_enabled()) or not output.is_contiguous():
             output = output.clone(memory_format=torch.contiguous_format)
         rows = output.view(n, -1, output.shape[-1])
-        kind = _layer_kind(module)
         if kind == "Embedding":  # y = W[ids]: each copy's U rows of its ids, times V^T
             ids = inputs[0].reshape(n, -1, 1).expand(-1, -1, self.rank)
             rows.baddbmm_(scaled.gather(1, ids), v.T.expand(n, -1, -1))

@@ -28,7 +28,7 @@ from zotune.recipe.train import Interrupted, Run, prepare_output
 
 ROOT = Path("runs/es")
 RESULTS = Path(__file__).parent / "results"
-COMMON = dict(model="smollm2", n_train=240, n_dev=0, n_test=60, batch_size=8, max_new_tokens=8, steps=100_000,
+COMMON = dict(model="smollm2", n_train=200, n_dev=0, n_test=100, batch_size=8, max_new_tokens=8, steps=100_000,
               save_every=5, checkpoint="trajectory", progress=False)
 RECIPES = {
     "es-lowrank": dict(method="es"),

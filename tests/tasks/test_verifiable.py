@@ -88,3 +88,17 @@ def test_booleans_and_integers_are_numbers():
     example = Example("e", "t", -1)
     assert rewards.score(lambda *_: True, "r", "p", "c", example) == 1.0
     assert rewards.score(lambda *_: 3, "r", "p", "c", example) == 3.0
+
+
+def test_task_pools_are_disjoint_and_the_small_test_pool_holds_a_third():
+    from types import SimpleNamespace
+
+    from zotune.tasks.verifiable import build_arith, build_countdown
+
+    arith = build_arith(SimpleNamespace(task="arith", template=None, digits=1, operations="+-*"))
+    assert (len(arith.train_pool), len(arith.test_pool)) == (200, 100)
+    assert not {e.id for e in arith.train_pool} & {e.id for e in arith.test_pool}
+    assert arith.format == "generation" and arith.reward == "arith" and arith.chat
+    countdown = build_countdown(SimpleNamespace(task="countdown", template=None, countdown_numbers=4))
+    assert len(countdown.test_pool) == 200 and not {e.text for e in countdown.train_pool} & {e.text for e in
+                                                                                          countdown.test_pool}

@@ -45,13 +45,20 @@ class TimedRun(Run):
         self.seconds, self.every = seconds, every
         self.state.setdefault("generated_tokens", 0)
 
+    def evaluate(self, examples, desc) -> dict:
+        self.last_evaluation = super().evaluate(examples, desc)
+        return self.last_evaluation
+
     def log(self, record: dict):
+        if record.get("step") == 0 and "test_reward" in record:  # zero-shot: its exact match too
+            record["test_em"] = self.last_evaluation["em"]
         if "generated_tokens" in record:
             self.state["generated_tokens"] += record["generated_tokens"]
         step = record.get("step", 0)
         out_of_time = step and self.state["train_seconds"] >= self.seconds
         if step and (step % self.every == 0 or out_of_time):
-            record["test_reward"] = self.evaluate(self.split.test, "test")["score"]
+            result = self.evaluate(self.split.test, "test")
+            record["test_reward"], record["test_em"] = result["score"], result["em"]
             record["train_seconds"] = round(self.state["train_seconds"], 1)
             record["total_generated_tokens"] = self.state["generated_tokens"]
             print(f"  {self.out}: step {step}, {record['train_seconds']:.0f} s, test reward "
@@ -86,23 +93,25 @@ def read_curves() -> list[dict]:
     curves = []
     for metrics in sorted(ROOT.glob("*/*/metrics.jsonl")):
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        zero = next((row["test_reward"] for row in rows if row.get("step") == 0), None)
-        points = [{k: row[k] for k in ("step", "train_seconds", "test_reward", "total_generated_tokens") if k in row}
-                  for row in rows if row.get("step") and "test_reward" in row]
-        curves.append({"task": metrics.parents[1].name, "label": metrics.parent.name, "zero_shot": zero,
-                       "points": points})
+        zero = next((row for row in rows if row.get("step") == 0), {})
+        points = [{k: row[k] for k in ("step", "train_seconds", "test_reward", "test_em", "total_generated_tokens")
+                   if k in row} for row in rows if row.get("step") and "test_reward" in row]
+        curves.append({"task": metrics.parents[1].name, "label": metrics.parent.name,
+                       "zero_shot": zero.get("test_reward"), "zero_shot_em": zero.get("test_em"), "points": points})
     return curves
 
 
 def table(curves: list[dict]) -> str:
-    lines = ["| task | recipe | zero-shot | best | last | steps | minutes | tokens decoded |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | recipe | zero-shot reward (em) | best reward | last reward (em) | steps | minutes | tokens decoded |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in curves:
         if not c["points"]:
             continue
         last = c["points"][-1]
         best = max(p["test_reward"] for p in c["points"])
-        zero = "" if c["zero_shot"] is None else f"{c['zero_shot']:.1%}"
-        lines.append(f"| {c['task']} | {c['label']} | {zero} | {best:.1%} | {last['test_reward']:.1%} | "
+        zero = "" if c["zero_shot"] is None else f"{c['zero_shot']:.1%} ({c['zero_shot_em'] or 0:.1%})"
+        lines.append(f"| {c['task']} | {c['label']} | {zero} | {best:.1%} | {last['test_reward']:.1%} "
+                     f"({last.get('test_em', 0):.1%}) | "
                      f"{last['step']} | {last['train_seconds'] / 60:.0f} | {last.get('total_generated_tokens', '')} |")
     return "\n".join(lines)
 

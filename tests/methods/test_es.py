@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from zotune import cli
 from zotune.errors import UserError
 from zotune.recipe.config import from_mapping
-from zotune.recipe.evaluation import replay_run
+from zotune.recipe.evaluation import evaluate_run, replay_run
 from zotune.recipe.train import Interrupted, Run, resume_config, train
 
 from ..conftest import stop_after
@@ -62,6 +62,7 @@ def test_es_runs_resume_and_replay_bit_identically(tiny_model_dir, answers_file,
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
 
     assert "bit-identical" in replay_run(str(straight), str(tmp_path / "replayed"))
+    assert evaluate_run(str(straight), progress=False)["test_reward"] == result["test_reward"]
 
     interrupted = tmp_path / "interrupted"
     original = stop_after(monkeypatch, {1})

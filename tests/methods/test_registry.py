@@ -127,5 +127,5 @@ def test_flat_options_split_into_run_fields_and_the_methods_own():
     assert cfg.from_mapping(flat) == config
     defaults = {name: {rate: getattr(entry.config(), rate) for rate in methods.RATES if hasattr(entry.config(), rate)}
                 for name, entry in methods.METHODS.items()}
-    assert defaults == {"mezo": {"lr_zo": 1e-6}, "es": {"lr_zo": 1e-6}, "ft": {"lr_fo": 1e-5}, "lora-ft": {"lr_fo": 1e-4},
+    assert defaults == {"mezo": {"lr_zo": 1e-6}, "es": {"lr_zo": 1e-5}, "ft": {"lr_fo": 1e-5}, "lora-ft": {"lr_fo": 1e-4},
                         "lmao": {"lr_zo": 1e-6, "lr_fo": 1e-4}, "hzo": {"lr_zo": 1e-6, "lr_fo": 1e-4}}

@@ -25,7 +25,7 @@ DIRECTIONS = ("lowrank", "gaussian", "rademacher")
 
 @dataclass
 class ESConfig(MethodConfig):
-    lr_zo: float = option(1e-6, "the ES step α: W <- W + α Σ r̃_i z_i / (population σ)")
+    lr_zo: float = option(1e-5, "the ES step α: W <- W + α Σ r̃_i z_i / (population σ)")
     sigma: float = option(1e-3, "perturbation scale σ")
     population: int = option(8, "perturbed copies a step: antithetic pairs ±z, so an even number")
     shaping: str = option("ranks", "how the population's rewards are normalised: ranks (centred ranks in "

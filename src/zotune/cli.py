@@ -14,6 +14,7 @@ from zotune.recipe import config as cfg
 from zotune.engine import distributed
 from zotune.errors import UserError, unknown
 from zotune.recipe.train import Interrupted, resume_config, train
+from zotune.tasks.metrics import shown
 
 EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "text_column", "label_column", "template",
                "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "max_new_tokens",
@@ -44,8 +45,9 @@ def cmd_train(args) -> int:
 def summary(result: dict, output) -> str:
     metric = result.get("metric", "accuracy")
     zero = result[f"zero_shot_{metric}"]
-    before = f"zero-shot {zero:.1%} -> " if zero is not None else ""
-    return (f"zotune: {result['method']} on {result['task']}: test {metric} {before}{result[f'test_{metric}']:.1%} "
+    before = f"zero-shot {shown(metric, zero)} -> " if zero is not None else ""
+    return (f"zotune: {result['method']} on {result['task']}: test {metric} {before}"
+            f"{shown(metric, result[f'test_{metric}'])} "
             f"(n={result['n_test']}) after {result['steps']} steps in {result['train_seconds']:.0f}s; "
             f"run folder {output}")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from zotune.errors import UserError
 from zotune.recipe.config import from_mapping, load_run
+from zotune.tasks.metrics import shown
 
 PANELS = (("loss", "training loss"), ("metric", "dev / test metric"), ("projected_grad", "projected gradient"),
           ("lr", "learning rate"))
@@ -126,7 +127,8 @@ def table(runs: list[dict]) -> str:
         steps = r.get("steps") or (run["rows"][-1]["step"] if run["rows"] else 0)
         per_step = r["train_seconds"] / steps if r.get("train_seconds") and steps else None
         cells = [run["name"], r.get("method", "?"), r.get("task", "?"), str(steps),
-                 "" if zero is None else f"{zero:.1%}", "unfinished" if test is None else f"{metric} {test:.1%}",
+                 "" if zero is None else shown(metric, zero),
+                 "unfinished" if test is None else f"{metric} {shown(metric, test)}",
                  "" if per_step is None else f"{per_step:.2f}",
                  "" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -32,3 +32,9 @@ def _f1(predicted: list[str], gold: list[str]) -> float:
         return 0.0
     precision, recall = common / len(predicted), common / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def shown(metric: str, value: float) -> str:
+    """A score as people read it: accuracy, F1 and exact match in percent; a reward, whose scale is its
+    function's, as a number."""
+    return f"{value:.3f}" if metric == "reward" else f"{value:.1%}"

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from task_plots import per_task
 from zotune import tasks
 from zotune.core.estimate import get as estimator
 from zotune.recipe.config import from_mapping
@@ -186,26 +187,15 @@ def table(curves: list[dict]) -> str:
 
 
 def plot(curves: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks_seen = sorted({c["task"] for c in curves})
-    figure, axes = plt.subplots(1, len(tasks_seen), figsize=(7 * len(tasks_seen), 4.5), squeeze=False)
-    for axis, task in zip(axes[0], tasks_seen):
-        for label, group in itertools.groupby(sorted((c for c in curves if c["task"] == task),
-                                                     key=lambda c: c["label"]), key=lambda c: c["label"]):
+    def draw(axis, task_curves):
+        for label, group in itertools.groupby(sorted(task_curves, key=lambda c: c["label"]), key=lambda c: c["label"]):
             group = list(group)
             budgets = sorted({p["example_forwards"] for c in group for p in c["points"]})
             means = [sum(p["test_accuracy"] for c in group for p in c["points"] if p["example_forwards"] == b)
                      / sum(1 for c in group for p in c["points"] if p["example_forwards"] == b) for b in budgets]
             axis.plot(budgets, means, marker="o", label=f"{label} ({len(group)} seed{'s' * (len(group) > 1)})")
-        axis.set(xscale="log", xlabel="example-forwards", ylabel="test accuracy", title=task)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+
+    per_task(curves, path, draw, "example-forwards", "test accuracy", xscale="log")
 
 
 def main(argv=None) -> int:

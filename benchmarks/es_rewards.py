@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from task_plots import per_task
 from zotune.recipe.config import from_mapping
 from zotune.recipe.train import Interrupted, Run, prepare_output
 
@@ -117,23 +118,12 @@ def table(curves: list[dict]) -> str:
 
 
 def plot(curves: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks_seen = sorted({c["task"] for c in curves})
-    figure, axes = plt.subplots(1, len(tasks_seen), figsize=(7 * len(tasks_seen), 4.5), squeeze=False)
-    for axis, task in zip(axes[0], tasks_seen):
-        for c in (c for c in curves if c["task"] == task and c["points"]):
+    def draw(axis, group):
+        for c in (c for c in group if c["points"]):
             minutes = [0.0] + [p["train_seconds"] / 60 for p in c["points"]]
-            rewards = [c["zero_shot"]] + [p["test_reward"] for p in c["points"]]
-            axis.plot(minutes, rewards, marker="o", label=c["label"])
-        axis.set(xlabel="training minutes (2 CPU cores)", ylabel="held-out reward", title=task)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+            axis.plot(minutes, [c["zero_shot"]] + [p["test_reward"] for p in c["points"]], marker="o", label=c["label"])
+
+    per_task(curves, path, draw, "training minutes (2 CPU cores)", "held-out reward")
 
 
 def main():

@@ -123,7 +123,7 @@ def plot(curves: list[dict], path: Path) -> None:
             minutes = [0.0] + [p["train_seconds"] / 60 for p in c["points"]]
             axis.plot(minutes, [c["zero_shot"]] + [p["test_reward"] for p in c["points"]], marker="o", label=c["label"])
 
-    per_task(curves, path, draw, "training minutes (2 CPU cores)", "held-out reward")
+    per_task(curves, path, draw, "training minutes", "held-out reward")
 
 
 def main():

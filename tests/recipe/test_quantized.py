@@ -1,0 +1,46 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zotune.errors import UserError
+from zotune.recipe.evaluation import evaluate_run, replay_run
+from zotune.recipe.train import Interrupted, Run, resume_config, train
+
+from ..conftest import stop_after
+from .test_train import config
+
+QZO = dict(method="mezo", quantize="int4", group_size=16, peft="scales", lr=1e-5, eps=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint", ["full", "trajectory"])
+def test_zeroth_order_on_the_scales_of_a_quantized_base_exports_replays_and_resumes(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch, checkpoint):
+    straight = tmp_path / "straight"
+    result = train(config(tiny_model_dir, straight, checkpoint=checkpoint, **QZO))
+    scales = load_file(straight / "scales" / "scales.safetensors")
+    assert scales and all(name.endswith(".scales") for name in scales)
+    base = Run(config(tiny_model_dir, tmp_path / "base", **QZO), resume=False).model
+    initial = dict(base.named_parameters())
+    assert any(not torch.equal(scales[name], initial[name]) for name in scales)
+    assert evaluate_run(str(straight), progress=False)["test_accuracy"] == result["test_accuracy"]
+    assert "bit-identical to the run's scales" in replay_run(str(straight), str(tmp_path / "replayed"))
+
+    interrupted = tmp_path / "interrupted"
+    original = stop_after(monkeypatch, {1})
+    with pytest.raises(Interrupted, match="--resume"):
+        train(config(tiny_model_dir, interrupted, checkpoint=checkpoint, **QZO))
+    monkeypatch.setattr(Run, "train_step", original)
+    train(resume_config(str(interrupted), {"progress": False}), resume=True)
+    again = load_file(interrupted / "scales" / "scales.safetensors")
+    assert all(torch.equal(scales[name], again[name]) for name in scales)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(quantize="int8"), "train their scales with a zeroth-order method and --peft scales"),
+    (dict(peft="scales"), "add --quantize int8 or int4"),
+    (dict(quantize="int4", peft="scales", method="hzo"), "hzo on a quantized base is not built yet"),
+    (dict(quantize="int4", peft="scales", group_size=0), "--group-size"),
+])
+def test_quantized_runs_refuse_what_they_cannot_do_in_one_line(tiny_model_dir, tmp_path, options, message):
+    with pytest.raises(UserError, match=message):
+        config(tiny_model_dir, tmp_path / "run", **{"method": "mezo", **options})

@@ -16,9 +16,9 @@ from zotune.errors import UserError, unknown
 from zotune.recipe.train import Interrupted, resume_config, train
 from zotune.tasks.metrics import shown
 
-EVAL_FIELDS = ("model", "model_kind", "dtype", "task", "data", "test_data", "text_column", "label_column", "template",
-               "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size", "max_length", "max_new_tokens",
-               "progress")
+EVAL_FIELDS = ("model", "model_kind", "dtype", "quantize", "group_size", "task", "data", "test_data", "text_column",
+               "label_column", "template", "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size",
+               "max_length", "max_new_tokens", "progress")
 
 
 def cmd_train(args) -> int:
@@ -136,7 +136,8 @@ def cmd_memory(args) -> int:
     gpu = memory.parse_size(args.gpu) if args.gpu else None
     for number, name in enumerate(args.model):
         shape = memory.shape_of(bench.build_config(name))
-        estimates = memory.estimate(shape, args.batch_size, args.length, args.dtype, args.deep_blocks)
+        estimates = memory.estimate(shape, args.batch_size, args.length, args.dtype, args.deep_blocks,
+                                    args.quantize, args.group_size)
         print(("\n" if number else "") + memory.table(name, shape, estimates, gpu))
     return 0
 
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     memory.add_argument("--dtype", default="fp16", choices=tuple(("fp32", "bf16", "fp16")), help="weights dtype")
     memory.add_argument("--deep-blocks", type=int, default=1, help="HZO's first-order blocks (default: 1)")
+    memory.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                        help="add the rows of a base quantized this way: its inference, and zeroth order on its "
+                             "scales (train --quantize ... --peft scales)")
+    memory.add_argument("--group-size", type=int, default=32, help="--quantize: weights that share a scale")
     memory.add_argument("--gpu", metavar="SIZE", help="the card's memory, e.g. 24GB: says which methods fit")
     memory.set_defaults(handler=cmd_memory)
 

@@ -35,8 +35,19 @@ def test_zeroth_order_on_the_scales_of_a_quantized_base_exports_replays_and_resu
     assert all(torch.equal(scales[name], again[name]) for name in scales)
 
 
+def test_a_quantized_base_without_trainable_scales_is_refused_before_loading(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="train their scales with --method mezo --peft scales"):
+        Run(config(tiny_model_dir, tmp_path / "run", quantize="int8"), resume=False)
+
+
+def test_a_quantized_base_evaluates(tiny_model_dir):
+    from zotune.recipe.evaluation import evaluate_model
+
+    result = evaluate_model(config(tiny_model_dir, "unused", quantize="int4", group_size=16))
+    assert 0 <= result["test_accuracy"] <= 1
+
+
 @pytest.mark.parametrize("options, message", [
-    (dict(quantize="int8"), "train their scales with a zeroth-order method and --peft scales"),
     (dict(peft="scales"), "add --quantize int8 or int4"),
     (dict(quantize="int4", peft="scales", method="hzo"), "hzo on a quantized base is not built yet"),
     (dict(quantize="int4", peft="scales", group_size=0), "--group-size"),

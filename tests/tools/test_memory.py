@@ -142,3 +142,22 @@ def test_the_adamw_term_is_what_the_optimizer_holds(monkeypatch, dtype):
                    - memory.estimate(shape, 1, 1, dtype)["ft"])
     assert per_element == {"fp32": 16, "fp16": 20, "bf16": 20}[dtype]
     assert sum(held.values()) == shape.params * per_element
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantized_rows_count_the_bytes_that_quantize_model_stores(name):
+    from zotune.core.quant import quantize_model
+
+    model = tiny_model("llama")
+    shape = memory.shape_of(model.config)
+    peak = memory.estimate(shape, 2, 8, "fp32", quantize=name, group_size=16)
+    summary = quantize_model(model, name, group_size=16)
+    floats = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.endswith(("scales", "offsets")))
+    footprint = memory.Footprint(shape, 2, 8, "fp32", quantize=name, group_size=16)
+    assert footprint.quantized_weights == summary["bytes"] + floats
+    assert peak[f"{name} inference"] < peak[f"{name} mezo"] < peak["mezo"]
+
+
+def test_a_13b_base_in_4_bits_trains_forward_only_in_under_10_gb():
+    shape = memory.shape_of(bench.build_config("opt-13b"))
+    assert memory.estimate(shape, 16, 128, "fp16", quantize="int4")["int4 mezo"] < 10e9

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMATS = ("int8", "int4")
-CHUNK_ELEMENTS = 1 << 22  # float weights dequantized at once by one layer (16 MiB in float32)
+CHUNK_ELEMENTS = 1 << 20  # float weights dequantized at once by one layer (4 MiB in float32)
+SCALE_DTYPE = torch.float16  # as llama.cpp stores them: half the memory of float32 scales at no measurable loss
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,14 @@ def quantize(weight: torch.Tensor, layout: Layout, scale_dtype: torch.dtype):
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, layout: Layout,
                dtype: torch.dtype) -> torch.Tensor:
-    """The float weights of ``codes`` (any leading rows: a chunk, or an embedding's gathered rows)."""
+    """The float weights of ``codes`` (any leading rows: a chunk, or an embedding's gathered rows). In place after
+    the one float copy: a chunk costs its float32 weights and its unpacked codes, nothing more."""
     values = unpack_int4(codes) if layout.bits == 4 else codes
     rows = values.shape[:-1]
-    groups = values.reshape(*rows, scales.shape[-1], layout.group_size).float()
-    weight = groups * scales.float().unsqueeze(-1)
+    weight = values.reshape(*rows, scales.shape[-1], layout.group_size).to(torch.float32)
+    weight.mul_(scales.unsqueeze(-1))
     if offsets is not None:
-        weight += offsets.float().unsqueeze(-1)
+        weight.add_(offsets.unsqueeze(-1))
     return weight.reshape(*rows, -1).to(dtype)
 
 
@@ -93,16 +95,21 @@ class QuantizedWeight(nn.Module):
     """One quantized matrix, shared by the layers that use it (a tied embedding and output layer)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, layout: Layout,
-                 shape: tuple[int, int]):
+                 shape: tuple[int, int], compute_dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.layout, self.shape = layout, tuple(shape)
+        self.layout, self.shape, self.compute_dtype = layout, tuple(shape), compute_dtype
         self.register_buffer("codes", codes)
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.offsets = None if offsets is None else nn.Parameter(offsets, requires_grad=False)
 
     @classmethod
-    def of(cls, weight: torch.Tensor, layout: Layout, scale_dtype: torch.dtype) -> QuantizedWeight:
-        return cls(*quantize(weight, layout, scale_dtype), layout, weight.shape)
+    def of(cls, weight: torch.Tensor, layout: Layout, scale_dtype: torch.dtype = SCALE_DTYPE) -> QuantizedWeight:
+        return cls(*quantize(weight, layout, scale_dtype), layout, weight.shape, weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # The dtype the model computes in (an embedding's output) follows model.to(dtype), as a float weight's would.
+        self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        return super()._apply(fn, recurse)
 
     def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         offsets = None if self.offsets is None else self.offsets[start:stop]
@@ -134,7 +141,7 @@ class QuantizedLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """A float copy of the weights, for code that reads ``.weight`` (its dtype, device or values)."""
-        return self.qweight.dequantized(self.qweight.scales.dtype)
+        return self.qweight.dequantized(self.qweight.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = max(1, CHUNK_ELEMENTS // self.in_features)
@@ -161,26 +168,20 @@ class QuantizedEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.qweight.dequantized(self.qweight.scales.dtype)
+        return self.qweight.dequantized(self.qweight.compute_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight.gather(ids, self.qweight.scales.dtype)
+        return self.qweight.gather(ids, self.qweight.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def quantize_model(model: nn.Module, name: str, group_size: int = 32, skip=lambda module_name: False) -> dict:
     """Replaces the model's linear and embedding layers (but those ``skip(name)`` keeps) by quantized ones, in
-    place, keeping tied weights tied. Scales take the model's float dtype, which is also the dtype an embedding
-    returns, so that ``model.to(dtype)`` keeps them in step. Returns a summary: the layers quantized, those kept
-    and why, and the bytes of the quantized weights."""
+    place, keeping tied weights tied. Returns a summary: the layers quantized, those kept and why, and the bytes
+    of the quantized weights."""
     layout = layout_of(name, group_size)
-    scale_dtype = _float_dtype(model)
     made: dict[int, QuantizedWeight] = {}
     quantized, kept = [], {}
     for module_name, module in list(model.named_modules()):
@@ -197,7 +198,7 @@ def quantize_model(model: nn.Module, name: str, group_size: int = 32, skip=lambd
             continue
         shared = made.get(id(module.weight))
         if shared is None:
-            shared = made[id(module.weight)] = QuantizedWeight.of(weight, layout, scale_dtype).to(weight.device)
+            shared = made[id(module.weight)] = QuantizedWeight.of(weight, layout).to(weight.device)
         if type(module) is nn.Linear or transposed:
             replacement = QuantizedLinear(shared, module.bias)
         else:

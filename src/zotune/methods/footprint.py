@@ -23,6 +23,12 @@ width and ``V`` the vocabulary:
 
 A stacked forward repeats the batch once per point the method's default estimator
 evaluates (:func:`stacked_copies`).
+
+On a quantized base (``zotune memory --quantize``, :mod:`zotune.core.quant`), the matrices of the
+linear and embedding layers take ``bits / 8`` bytes an element plus float16 scales (and int4's
+offsets) per group; a forward also holds one dequantized chunk (float32, with its unpacked codes),
+and a step on the scales holds the largest scale tensor in float32 twice (its update and its
+direction).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from zotune.core.estimate import get as estimator
+from zotune.core.quant import CHUNK_ELEMENTS
 from zotune.engine.offload import SLOTS
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -50,6 +57,7 @@ class Shape:
     ffn: int
     vocab: int
     lora: int  # elements of LoRA r 8 adapters on the attention's query and value projections
+    quantizable: int = 0  # elements of the linear and embedding weights (tied ones once): what --quantize stores
 
 
 class Row(NamedTuple):
@@ -93,6 +101,8 @@ class Footprint:
     length: int
     dtype: str = "fp16"
     deep_blocks: int = 1
+    quantize: str = "none"
+    group_size: int = 32
 
     @property
     def d(self) -> int:
@@ -157,6 +167,26 @@ class Footprint:
     def lora_backprop(self) -> int:
         """The weights, the adapters with their AdamW state, a backward's activations."""
         return self.weights + self.adapters + self.backward
+
+    @property
+    def quantized_weights(self) -> int:
+        """The weights of a --quantize base: codes and float16 scales (int4: and offsets) of the matrices, the rest
+        in the dtype."""
+        bits = int(self.quantize[3:])
+        matrices = self.shape.quantizable
+        per_group = 2 if bits == 8 else 4
+        return matrices * bits // 8 + matrices // self.group_size * per_group + (self.shape.params - matrices) * self.d
+
+    @property
+    def quantized_inference(self) -> int:
+        chunk = 5 * min(CHUNK_ELEMENTS, self.shape.largest)  # a layer's dequantized chunk: float32 and unpacked codes
+        return self.quantized_weights + self.transient(self.tokens) + chunk
+
+    @property
+    def scales_step(self) -> int:
+        """Zeroth order on the scales: quantized inference and the float32 update and direction of the largest
+        scales."""
+        return self.quantized_inference + 2 * 4 * self.shape.largest // self.group_size
 
     def resident(self, deep_blocks: int = 0) -> int:
         """The weights that stay on the device when the blocks but the ``deep_blocks`` last stream, with the slots."""

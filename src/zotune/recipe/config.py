@@ -129,9 +129,6 @@ class TrainConfig:
             raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
                             "--snapshot-every), and an objective other than f1 (greedy decoding is not sharded)")
         peft = getattr(self.options, "peft", None)
-        if self.quantize != "none" and peft != "scales":
-            raise UserError(f"--quantize {self.quantize} keeps the base weights frozen in {self.quantize[3:]} bits: "
-                            f"train their scales with a zeroth-order method and --peft scales")
         if peft == "scales" and self.quantize == "none":
             raise UserError("--peft scales trains the scales of a quantized base: add --quantize int8 or int4")
         if peft == "scales" and self.method != "mezo":
@@ -140,6 +137,12 @@ class TrainConfig:
         check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens", "group_size")
         check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every", "warmup_steps",
                            "temperature")
+
+    def check_trainable(self) -> None:
+        """What a training run (not an evaluation) of this config needs."""
+        if self.quantize != "none" and getattr(self.options, "peft", None) != "scales":
+            raise UserError(f"--quantize {self.quantize} keeps the base weights frozen in {self.quantize[3:]} bits: "
+                            f"train their scales with --method mezo --peft scales")
 
     def to_dict(self) -> dict:
         """The flat mapping that ``config.yaml`` holds: run fields, then the method's options."""

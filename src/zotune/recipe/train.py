@@ -106,6 +106,7 @@ class Run:
         if parallel is not None:
             parallel.check_batch(config.batch_size)
         self.out = Path(config.output)
+        config.check_trainable()
         # The data first: its mistakes should not wait for a model to load.
         self.task = tasks.build_task(config)
         self.split = tasks.sample(self.task, config.n_train, config.n_dev, config.n_test, config.seed)

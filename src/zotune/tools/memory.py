@@ -33,8 +33,12 @@ def shape_of(config) -> Shape:
     named = dict(model.named_parameters())  # tied weights once
     block_sizes = [sum(p.numel() for n, p in named.items() if n.startswith(prefix + ".")) for prefix, _ in layout.blocks]
     matrices = tuple(sum(p.numel() for p in module.parameters() if p.ndim >= 2) for _, module in layout.blocks)
-    lora = 0
+    lora, quantizable, seen = 0, 0, set()
     for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(module) in (torch.nn.Linear, torch.nn.Embedding) and id(weight) not in seen:
+            seen.add(id(weight))
+            quantizable += weight.numel()
         if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj") and isinstance(module, torch.nn.Linear):
             lora += 8 * (module.in_features + module.out_features)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -42,7 +46,7 @@ def shape_of(config) -> Shape:
     ffn = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) or 4 * hidden
     return Shape(params=sum(p.numel() for p in named.values()), largest=max(p.numel() for p in named.values()),
                  block=max(block_sizes), blocks=len(block_sizes), matrices=matrices,
-                 hidden=hidden, ffn=ffn, vocab=text.vocab_size, lora=lora)
+                 hidden=hidden, ffn=ffn, vocab=text.vocab_size, lora=lora, quantizable=quantizable)
 
 
 class Estimates(dict):
@@ -53,12 +57,17 @@ class Estimates(dict):
         self.host = host
 
 
-def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_blocks: int = 1) -> Estimates:
-    """Estimated peak bytes of inference and of every registered method's rows, in the registry's order."""
-    footprint = Footprint(shape, batch, length, dtype, deep_blocks)
+def estimate(shape: Shape, batch: int, length: int, dtype: str = "fp16", deep_blocks: int = 1,
+             quantize: str = "none", group_size: int = 32) -> Estimates:
+    """Estimated peak bytes of inference and of every registered method's rows, in the registry's order; with
+    ``quantize``, then the quantized base's inference and zeroth order on its scales (``--peft scales``)."""
+    footprint = Footprint(shape, batch, length, dtype, deep_blocks, quantize, group_size)
     rows = {"inference": Row(footprint.inference)}
     for name in registry.names():
         rows.update(registry.get(name).method.memory_estimates(footprint))
+    if quantize != "none":
+        rows[f"{quantize} inference"] = Row(footprint.quantized_inference)
+        rows[f"{quantize} mezo"] = Row(footprint.scales_step)
     return Estimates({row: value.device for row, value in rows.items()},
                      {row: value.host for row, value in rows.items() if value.host is not None})
 

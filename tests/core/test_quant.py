@@ -53,7 +53,7 @@ def test_linear_equals_float_linear_of_the_dequantized_weights_also_in_chunks(mo
     weight, bias = random_weight(), torch.randn(48)
     layer = QuantizedLinear(QuantizedWeight.of(weight, layout_of("int4", 16), torch.float32), bias)
     x = torch.randn(3, 5, 64)
-    expected = torch.nn.functional.linear(x, layer.qweight.dequantized(), bias)
+    expected = torch.nn.functional.linear(x, layer.quantized.dequantized(), bias)
     assert torch.equal(layer(x), expected)
     monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 64 * 10)  # 10 output rows at a time: 5 chunks
     assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
@@ -90,7 +90,7 @@ def test_tied_weights_stay_tied_and_are_stored_once():
     model = tiny_model("gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight
     summary = quantize_model(model, "int8", group_size=16)
-    assert model.lm_head.qweight is model.transformer.wte.qweight
+    assert model.lm_head.quantized is model.transformer.wte.quantized
     assert len(quantized_weights(model)) == len(summary["quantized"]) - 1
 
 
@@ -105,7 +105,7 @@ def test_a_quantized_model_runs_in_bfloat16():
     model = tiny_model("llama")
     quantize_model(model, "int4", group_size=16)
     model.to(torch.bfloat16)
-    assert model.model.embed_tokens.qweight.codes.dtype == torch.uint8
+    assert model.model.embed_tokens.quantized.codes.dtype == torch.uint8
     assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
 
 

@@ -36,7 +36,7 @@ def test_zeroth_order_on_the_scales_of_a_quantized_base_exports_replays_and_resu
 
 
 def test_a_quantized_base_without_trainable_scales_is_refused_before_loading(tiny_model_dir, tmp_path):
-    with pytest.raises(UserError, match="train their scales with --method mezo --peft scales"):
+    with pytest.raises(UserError, match=r"train their scales \(--peft scales\) or LoRA adapters on top"):
         Run(config(tiny_model_dir, tmp_path / "run", quantize="int8"), resume=False)
 
 
@@ -55,3 +55,17 @@ def test_a_quantized_base_evaluates(tiny_model_dir):
 def test_quantized_runs_refuse_what_they_cannot_do_in_one_line(tiny_model_dir, tmp_path, options, message):
     with pytest.raises(UserError, match=message):
         config(tiny_model_dir, tmp_path / "run", **{"method": "mezo", **options})
+
+
+@pytest.mark.parametrize("method, options", [("mezo", dict(peft="lora", lr=1e-2, eps=1e-2)),
+                                             ("lora-ft", dict(lr=1e-2))])
+def test_lora_adapters_on_a_quantized_base_train_export_and_evaluate(tiny_model_dir, tmp_path, method, options):
+    """QLoRA's pattern (lora-ft: by first order through the dequantized base) and its zeroth-order twin."""
+    out = tmp_path / "run"
+    result = train(config(tiny_model_dir, out, method=method, quantize="int4", group_size=16, **options))
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(name.endswith("lora_B.weight") and value.abs().sum() > 0 for name, value in adapter.items())
+    assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
+    if method == "mezo":
+        assert "bit-identical to the run's adapter" in replay_run(str(out), str(tmp_path / "replayed"))

@@ -114,9 +114,11 @@ def check_files(folder: Path, what: str) -> None:
 
 @contextmanager
 def quiet_peft():
-    """peft asks transformers a deprecated question; not the user's business."""
+    """peft asks transformers a deprecated question, and calls zotune's quantized layers (which it wraps through
+    the custom-module door, :func:`on_quantized_layers`) unsupported; not the user's business."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Unsupported layer type '<class 'zotune.core.quant")
         yield
 
 
@@ -135,11 +137,23 @@ def check_tokenizer(name: str, model, tokenizer) -> None:
                         "they do not belong together")
 
 
+def on_quantized_layers(config):
+    """A peft LoRA config that also wraps zotune's quantized linear layers (--quantize): peft's own LoRA layer
+    adds the adapter on the layer's output and never touches its weights."""
+    from peft.tuners.lora import Linear
+
+    from zotune.core.quant import QuantizedLinear
+
+    if hasattr(config, "_register_custom_module"):  # LoRA configs; prompt learning has no layers to wrap
+        config._register_custom_module({QuantizedLinear: Linear})
+    return config
+
+
 def add_lora(model, r: int = 8, alpha: int = 16, targets=("q_proj", "v_proj")):
     """``model`` wrapped by peft with LoRA adapters (dropout off) on the ``targets`` modules."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    config = on_quantized_layers(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets)))
     try:
         # peft draws its init from the global RNG: the caller's streams stay as they were (zotune redraws it).
         with quiet_peft(), torch.random.fork_rng(devices=range(torch.cuda.device_count())):

@@ -135,23 +135,23 @@ class QuantizedLinear(nn.Module):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.qweight = weight
+        self.quantized = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @property
     def weight(self) -> torch.Tensor:
         """A float copy of the weights, for code that reads ``.weight`` (its dtype, device or values)."""
-        return self.qweight.dequantized(self.qweight.compute_dtype)
+        return self.quantized.dequantized(self.quantized.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = max(1, CHUNK_ELEMENTS // self.in_features)
         if rows >= self.out_features:
-            return F.linear(x, self.qweight.rows(0, self.out_features, x.dtype), self.bias)
+            return F.linear(x, self.quantized.rows(0, self.out_features, x.dtype), self.bias)
         parts = []
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
             bias = None if self.bias is None else self.bias[start:stop]
-            parts.append(F.linear(x, self.qweight.rows(start, stop, x.dtype), bias))
+            parts.append(F.linear(x, self.quantized.rows(start, stop, x.dtype), bias))
         return torch.cat(parts, dim=-1)
 
     def extra_repr(self) -> str:
@@ -164,14 +164,14 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, weight: QuantizedWeight, padding_idx: int | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.qweight, self.padding_idx = weight, padding_idx
+        self.quantized, self.padding_idx = weight, padding_idx
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.qweight.dequantized(self.qweight.compute_dtype)
+        return self.quantized.dequantized(self.quantized.compute_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight.gather(ids, self.qweight.compute_dtype)
+        return self.quantized.gather(ids, self.quantized.compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

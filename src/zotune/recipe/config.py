@@ -140,9 +140,11 @@ class TrainConfig:
 
     def check_trainable(self) -> None:
         """What a training run (not an evaluation) of this config needs."""
-        if self.quantize != "none" and getattr(self.options, "peft", None) != "scales":
+        trains_on_top = self.method == "lora-ft" or getattr(self.options, "peft", "none") in ("scales", "lora")
+        if self.quantize != "none" and not trains_on_top:
             raise UserError(f"--quantize {self.quantize} keeps the base weights frozen in {self.quantize[3:]} bits: "
-                            f"train their scales with --method mezo --peft scales")
+                            f"train their scales (--peft scales) or LoRA adapters on top (--peft lora, or --method "
+                            f"lora-ft)")
 
     def to_dict(self) -> dict:
         """The flat mapping that ``config.yaml`` holds: run fields, then the method's options."""

@@ -151,11 +151,12 @@ def _check_adapter(folder: Path) -> None:
 
 
 def _with_adapter(model, adapter: str):
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     _check_adapter(Path(adapter))
     try:
         with models.quiet_peft():
-            return quiet_prefix_forward(PeftModel.from_pretrained(model, adapter).eval())
+            config = models.on_quantized_layers(PeftConfig.from_pretrained(adapter))
+            return quiet_prefix_forward(PeftModel.from_pretrained(model, adapter, config=config).eval())
     except models.LOAD_ERRORS as error:  # what _check_adapter cannot see, such as a wrong value
         raise UserError(f"could not load the adapter {adapter}: {models.reason(error)}") from None

@@ -56,9 +56,10 @@ def kind_of(architectures) -> str:
 
 
 def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None = None, quantize: str = "none",
-         group_size: int = 32):
+         group_size: int = 32, keep_float=lambda model: ()):
     """Returns ``(model, tokenizer, kind)``; the model is in eval mode on ``device``, its matrices in
-    ``quantize`` (int8 or int4, :mod:`zotune.core.quant`) unless that is none."""
+    ``quantize`` (int8 or int4, :mod:`zotune.core.quant`) unless that is none, but for the modules named (and
+    those inside them) by ``keep_float(model)``."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -87,7 +88,9 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
     if quantize != "none":  # on the host, before the move: the device never holds the float model
         from zotune.core.quant import quantize_model
 
-        quantize_model(model, quantize, group_size)
+        prefixes = tuple(keep_float(model))
+        quantize_model(model, quantize, group_size,
+                       skip=lambda module: any(module == p or module.startswith(p + ".") for p in prefixes))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
 

@@ -184,9 +184,15 @@ def quantize_model(model: nn.Module, name: str, group_size: int = 32, skip=lambd
     layout = layout_of(name, group_size)
     made: dict[int, QuantizedWeight] = {}
     quantized, kept = [], {}
+    # A weight tied to a module kept in float stays float everywhere: one tensor cannot be both.
+    floats = {id(module.weight) for module_name, module in model.named_modules()
+              if skip(module_name) and isinstance(getattr(module, "weight", None), torch.Tensor)}
     for module_name, module in list(model.named_modules()):
         transposed = _is_conv1d(module)
         if not (isinstance(module, (nn.Linear, nn.Embedding)) or transposed) or skip(module_name):
+            continue
+        if id(module.weight) in floats:
+            kept[module_name] = "its weight is tied to a layer kept in float"
             continue
         if type(module) not in (nn.Linear, nn.Embedding) and not transposed:
             kept[module_name] = f"{type(module).__name__} has a forward of its own"  # e.g. OPT's positions

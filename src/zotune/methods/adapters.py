@@ -249,11 +249,12 @@ SCALES_FILE = "scales.safetensors"
 
 
 def save_scales(folder, model) -> None:
-    """The trained scales of a quantized base, by parameter name (the rest of the model is the base's)."""
+    """What a run on a quantized base changed, by parameter name: the scales, and the weights kept in float (HZO's
+    first-order blocks; norms). The codes and offsets never change: the base rebuilds them."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if name.endswith(".scales")},
+    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if not name.endswith(".offsets")},
               str(folder / SCALES_FILE))
 
 

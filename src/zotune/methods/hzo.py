@@ -262,7 +262,8 @@ class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     estimator: str = option("one-sided", "gradient estimator: spsa (two-sided), one-sided or fzoo",
                             choices=ESTIMATORS)
     stacked: bool = option(True, "evaluate a step's points in one forward over the batch repeated (joint order: "
-                           "the unperturbed and the perturbed copy)")
+                           "the unperturbed and the perturbed copy); off with --peft scales, whose scales every copy "
+                           "reads at once")
     merge: str = option("resample", "lowrank: write every update into the weights (step), or keep a matrix's "
                         "updates as an m×r factor applied on its layer's output until V is redrawn (resample: no "
                         "weight writes, so no offload write-back, in between)", choices=("step", "resample"))
@@ -276,6 +277,8 @@ class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         super().__post_init__()
         check_non_negative(self, "lr_zo", "deep_blocks")
         check_positive(self, "max_grad_norm")
+        if self.peft == "scales":
+            self.stacked = False
         if self.peft == "prefix":
             raise UserError("--peft prefix: hzo splits the model into shallow and deep blocks, but the prefix is one "
                             "tensor over all layers; use --method mezo --peft prefix, or hzo --peft lora")
@@ -359,6 +362,11 @@ class HZOMethod(Method):
         return model
 
     @classmethod
+    def float_modules(cls, model, config: HZOConfig) -> tuple[str, ...]:
+        # QLoRA's pattern with --peft scales: the first-order part trains full-precision weights.
+        return _deep_modules(model, config) if config.peft == "scales" else ()
+
+    @classmethod
     def memory_estimates(cls, footprint: Footprint) -> dict[str, Row]:
         # The defaults (joint order, one-sided, stacked) run the copies in one forward, autograd from the first deep
         # block on: the deep blocks' AdamW state and every copy's deep activations, logits and logit gradients
@@ -368,6 +376,24 @@ class HZOMethod(Method):
         return {"hzo": Row(f.weights + kept), "hzo-offload": Row(f.resident(f.deep) + kept, f.host(f.deep))}
 
 
+def _deep_modules(model, config: HZOConfig) -> tuple[str, ...]:
+    """The modules of the first-order part: the deep blocks, with the final norm and head unless --head zo."""
+    layout = find_blocks(model, config.blocks)
+    deep = min(config.deep_blocks, len(layout.blocks))
+    head = config.head
+    if head == "auto":
+        head = "zo" if layout.shared(model) and deep else "fo"
+    names = [name for name, _ in layout.blocks[len(layout.blocks) - deep:]]
+    return tuple(names + ([name for name, _ in layout.head] if head == "fo" else []))
+
+
 def _adapter_names(model, config: HZOConfig) -> set[str] | None:
-    """With --peft, the names of the adapter's parameters (what HZO trains); None: every parameter."""
-    return None if config.peft == "none" else {name for name, _ in adapter_parameters(model)}
+    """With --peft, the names of the adapter's parameters (what HZO trains); None: every parameter. With --peft
+    scales: the quantized shallow part's scales and the float deep part's weights."""
+    if config.peft == "none":
+        return None
+    names = {name for name, _ in adapter_parameters(model)}
+    if config.peft == "scales":
+        deep = tuple(prefix + "." for prefix in _deep_modules(model, config))
+        names |= {name for name, _ in model.named_parameters() if name.startswith(deep)}
+    return names

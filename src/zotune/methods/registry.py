@@ -193,6 +193,11 @@ class Method:
         raise NotImplementedError(f"{cls.__name__} records no trajectory")
 
     @classmethod
+    def float_modules(cls, model, config) -> tuple[str, ...]:
+        """Names of the modules that a --quantize base keeps in float for this method (its first-order part)."""
+        return ()
+
+    @classmethod
     def as_exported(cls, replayed, folder: Path):
         """The replayed weights as the run exported them in ``model/``, and a note for the message."""
         return replayed, ""

@@ -131,9 +131,9 @@ class TrainConfig:
         peft = getattr(self.options, "peft", None)
         if peft == "scales" and self.quantize == "none":
             raise UserError("--peft scales trains the scales of a quantized base: add --quantize int8 or int4")
-        if peft == "scales" and self.method != "mezo":
-            raise UserError(f"--peft scales trains with --method mezo; {self.method} on a quantized base is not built "
-                            "yet")
+        if peft == "scales" and self.method not in ("mezo", "hzo"):
+            raise UserError(f"--peft scales trains with --method mezo or hzo; {self.method} on a quantized base is "
+                            "not built yet")
         check_positive(self, "steps", "batch_size", "eval_batch_size", "max_length", "max_new_tokens", "group_size")
         check_non_negative(self, "n_dev", "n_test", "eval_every", "save_every", "snapshot_every", "warmup_steps",
                            "temperature")

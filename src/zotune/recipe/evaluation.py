@@ -23,7 +23,7 @@ def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0
     """The task's metric for ``config.model`` (plus an optional peft adapter, or trained scales of its quantized
     matrices) on the test sample of a run with this config; with ``icl`` K, each prompt follows K demonstrations
     drawn from that run's training sample."""
-    model, tokenizer, kind = _load_base(config)
+    model, tokenizer, kind = load_base(config)
     if adapter:
         model = _with_adapter(model, adapter)
     if scales is not None:
@@ -75,7 +75,7 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
         models.check_files(folder / "model", f"could not load model {str(folder / 'model')!r}")
     if (folder / "adapter").is_dir():
         _check_adapter(folder / "adapter")
-    model, tokenizer, _ = _load_base(config)
+    model, tokenizer, _ = load_base(config)
     try:
         with models.quiet_peft():  # methods with adapters wrap the model
             model = method.replay(model, config.options, trajectory)
@@ -108,9 +108,13 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
     return message
 
 
-def _load_base(config: TrainConfig):
-    return models.load(config.model, config.dtype, config.model_kind, quantize=config.quantize,
-                       group_size=config.group_size)
+def load_base(config: TrainConfig, device: str | None = None):
+    """The run's initial model (quantized as --quantize asks, but for what its method keeps in float), tokenizer
+    and kind."""
+    method = methods.get(config.method).method
+    return models.load(config.model, config.dtype, config.model_kind, device=device, quantize=config.quantize,
+                       group_size=config.group_size, keep_float=lambda model: method.float_modules(model,
+                                                                                                   config.options))
 
 
 def _compare_adapters(replayed: Path, exported: Path) -> str:

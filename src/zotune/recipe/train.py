@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from zotune import methods
 from zotune.recipe import checkpoint_modes
-from zotune.assets import models
 from zotune.recipe import report
 from zotune import tasks
 from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
 from zotune.recipe.config import TrainConfig, from_mapping, load_run, upgrade
+from zotune.recipe.evaluation import load_base
 from zotune.core.rng import hash64
 from zotune.engine import distributed
 from zotune.errors import UserError
@@ -113,8 +113,7 @@ class Run:
         # An offloaded model stays in host memory: the method moves what stays resident to the device. Processes
         # that share a GPU talk through gloo and compute on the CPU (FSDP2 cannot shard CUDA tensors over gloo).
         device = "cpu" if config.options.streams_blocks else (parallel.device.type if parallel is not None else None)
-        model, self.tokenizer, self.kind = models.load(config.model, config.dtype, config.model_kind, device=device,
-                                                       quantize=config.quantize, group_size=config.group_size)
+        model, self.tokenizer, self.kind = load_base(config, device)
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.build(config.method, model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model

@@ -16,9 +16,9 @@ from zotune.errors import UserError, unknown
 from zotune.recipe.train import Interrupted, resume_config, train
 from zotune.tasks.metrics import shown
 
-EVAL_FIELDS = ("model", "model_kind", "dtype", "quantize", "group_size", "task", "data", "test_data", "text_column",
-               "label_column", "template", "candidates", "n_train", "n_dev", "n_test", "seed", "eval_batch_size",
-               "max_length", "max_new_tokens", "progress")
+EVAL_FIELDS = ("model", "model_kind", "dtype", "quantize", "group_size", "keep_quantized", "task", "data", "test_data",
+               "text_column", "label_column", "template", "candidates", "n_train", "n_dev", "n_test", "seed",
+               "eval_batch_size", "max_length", "max_new_tokens", "progress")
 
 
 def cmd_train(args) -> int:

@@ -15,8 +15,8 @@ from ..test_cli import CSV_TASK
 WORDS = ("Ġgreat", "Ġterrible", "ĠIt", "Ġwas")  # whole tokens, so the verbalisers are one token each
 
 
-def write_gguf(path, architecture="llama", seed=0):
-    """A 2-block Llama in llama.cpp's format: byte-level BPE tokenizer, Q8_0 matrices, F32 norms."""
+def write_gguf(path, architecture="llama", seed=0, kind="Q8_0"):
+    """A 2-block Llama in llama.cpp's format: byte-level BPE tokenizer, ``kind`` matrices, F32 norms."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -53,8 +53,8 @@ def write_gguf(path, architecture="llama", seed=0):
         if len(shape) == 1:
             writer.add_tensor(name, data)
         else:  # quantised as llama.cpp ships most models: the conversion must dequantise
-            kind = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            quantized = gguf.GGMLQuantizationType[kind]
+            writer.add_tensor(name, gguf.quants.quantize(data, quantized), raw_dtype=quantized)
 
     kv = kv_heads * hidden // heads
     tensor("token_embd.weight", len(tokens), hidden)

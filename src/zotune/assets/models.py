@@ -56,10 +56,13 @@ def kind_of(architectures) -> str:
 
 
 def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None = None, quantize: str = "none",
-         group_size: int = 32, keep_float=lambda model: ()):
+         group_size: int = 32, keep_float=lambda model: (), keep_quantized: bool = False):
     """Returns ``(model, tokenizer, kind)``; the model is in eval mode on ``device``, its matrices in
     ``quantize`` (int8 or int4, :mod:`zotune.core.quant`) unless that is none, but for the modules named (and
-    those inside them) by ``keep_float(model)``."""
+    those inside them) by ``keep_float(model)``. ``keep_quantized``: a GGUF file's quantized blocks are kept
+    (:mod:`zotune.assets.gguf_blocks`) rather than converted to float."""
+    if keep_quantized:
+        return _load_gguf_blocks(name, dtype, device, quantize, group_size, keep_float)
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -93,6 +96,26 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
                        skip=lambda module: any(module == p or module.startswith(p + ".") for p in prefixes))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
+
+
+def _load_gguf_blocks(name: str, dtype: str, device, quantize: str, group_size: int, keep_float):
+    from zotune.assets import gguf_blocks
+    from zotune.assets.cache import say
+    from zotune.core.quant import dequantize_modules
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    model, tokenizer, notes = gguf_blocks.load(Path(name).expanduser(), DTYPES[dtype],
+                                               None if quantize == "none" else quantize, group_size)
+    for note in notes:
+        say(True, f"{Path(name).name}: {note}")
+    dequantize_modules(model, tuple(keep_float(model)))
+    check_tokenizer(name, model, tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, "causal"
 
 
 def check_files(folder: Path, what: str) -> None:

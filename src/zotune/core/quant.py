@@ -228,3 +228,29 @@ def quantized_weights(model: nn.Module) -> list[QuantizedWeight]:
             seen.add(id(module))
             found.append(module)
     return found
+
+
+def dequantize_modules(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Turns the quantized layers inside the modules named by ``prefixes`` back into float ``nn.Linear`` and
+    ``nn.Embedding`` (a method's full-precision part); layers elsewhere that share their weights follow."""
+    inside = lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)  # noqa: E731
+    chosen = {id(m.quantized) for name, m in model.named_modules()
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and inside(name)}
+    floats: dict[int, nn.Parameter] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or id(module.quantized) not in chosen:
+            continue
+        weight = floats.get(id(module.quantized))
+        if weight is None:
+            weight = floats[id(module.quantized)] = nn.Parameter(module.quantized.dequantized(
+                module.quantized.compute_dtype))
+        if isinstance(module, QuantizedLinear):
+            replacement = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                    device="meta")
+            replacement.bias = module.bias
+        else:
+            replacement = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                       device="meta")
+        replacement.weight = weight
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)

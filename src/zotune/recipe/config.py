@@ -32,7 +32,7 @@ FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
 # 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window;
 # 7: reward, temperature, digits, operations, countdown_numbers (objective "auto" is resolved before it is saved);
-# 8: quantize, group_size.
+# 8: quantize, group_size, keep_quantized.
 FORMAT = 8
 
 
@@ -46,6 +46,9 @@ class TrainConfig:
                            "per-group scales, dequantized one layer at a time in the forward; train them with "
                            "--peft scales (zeroth order on the scales, QZO)", choices=("none", "int8", "int4"))
     group_size: int = option(32, "--quantize: weights along a row that share a scale (32: llama.cpp's blocks)")
+    keep_quantized: bool = option(False, "--model file.gguf: keep its Q8_0, Q4_0, Q4_1 and Q4_K matrices as they are "
+                                  "(8 and 4 bits) instead of converting the file to float; train with --peft scales "
+                                  "or lora")
     task: str = option("rt-sst2", "offline: rt-sst2, rt-sst5, rt-subj, tweet-3, rt-movie-qa, and the verifiable "
                      "arith and countdown (generated from a seed); through the hub: sst2 and the MeZO paper's rte, "
                      "cb, boolq, wsc, wic, multirc, copa, record, squad, drop; or csv / jsonl (your own file)")
@@ -129,8 +132,12 @@ class TrainConfig:
             raise UserError("--shard keeps no weights in checkpoints: use --checkpoint trajectory (without "
                             "--snapshot-every), and an objective other than f1 (greedy decoding is not sharded)")
         peft = getattr(self.options, "peft", None)
-        if peft == "scales" and self.quantize == "none":
-            raise UserError("--peft scales trains the scales of a quantized base: add --quantize int8 or int4")
+        if peft == "scales" and not self.quantized:
+            raise UserError("--peft scales trains the scales of a quantized base: add --quantize int8 or int4 (or "
+                            "--keep-quantized with a .gguf model)")
+        if self.keep_quantized and not self.model.lower().endswith(".gguf"):
+            raise UserError(f"--keep-quantized keeps a GGUF file's quantized blocks; {self.model} is not a .gguf "
+                            "file: use --quantize int8 or int4")
         if peft == "scales" and self.method not in ("mezo", "hzo"):
             raise UserError(f"--peft scales trains with --method mezo or hzo; {self.method} on a quantized base is "
                             "not built yet")
@@ -141,10 +148,14 @@ class TrainConfig:
     def check_trainable(self) -> None:
         """What a training run (not an evaluation) of this config needs."""
         trains_on_top = self.method == "lora-ft" or getattr(self.options, "peft", "none") in ("scales", "lora")
-        if self.quantize != "none" and not trains_on_top:
-            raise UserError(f"--quantize {self.quantize} keeps the base weights frozen in {self.quantize[3:]} bits: "
-                            f"train their scales (--peft scales) or LoRA adapters on top (--peft lora, or --method "
-                            f"lora-ft)")
+        if self.quantized and not trains_on_top:
+            option = f"--quantize {self.quantize}" if self.quantize != "none" else "--keep-quantized"
+            raise UserError(f"{option} keeps the base weights frozen in 8 or 4 bits: train their scales (--peft "
+                            f"scales) or LoRA adapters on top (--peft lora, or --method lora-ft)")
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize != "none" or self.keep_quantized
 
     def to_dict(self) -> dict:
         """The flat mapping that ``config.yaml`` holds: run fields, then the method's options."""

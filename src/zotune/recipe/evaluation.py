@@ -114,7 +114,8 @@ def load_base(config: TrainConfig, device: str | None = None):
     method = methods.get(config.method).method
     return models.load(config.model, config.dtype, config.model_kind, device=device, quantize=config.quantize,
                        group_size=config.group_size, keep_float=lambda model: method.float_modules(model,
-                                                                                                   config.options))
+                                                                                                   config.options),
+                       keep_quantized=config.keep_quantized)
 
 
 def _compare_adapters(replayed: Path, exported: Path) -> str:

@@ -89,3 +89,13 @@ def test_hzo_on_a_quantized_base_keeps_its_first_order_blocks_in_float(tiny_mode
     assert any(name.startswith("model.layers.1.") and name.endswith(".weight") for name in changed)
     assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
     assert "bit-identical to the run's scales" in replay_run(str(out), str(tmp_path / "replayed"))
+
+
+def test_lmao_on_a_quantized_base_trains_adapters_by_adamw_and_scales_by_zeroth_order(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(tiny_model_dir, out, method="lmao", quantize="int4", group_size=16, lr_fo=1e-2, lr_zo=1e-5,
+                          eps=1e-4))
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter", "scales", "trajectory.json"} <= names and "model" not in names
+    assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
+    assert "bit-identical to the run's scales" in replay_run(str(out), str(tmp_path / "replayed"))

@@ -254,8 +254,9 @@ def save_scales(folder, model) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({name: p.detach().contiguous() for name, p in model.named_parameters() if not name.endswith(".offsets")},
-              str(folder / SCALES_FILE))
+    # Under peft LoRA (LMAO), by the names of the model without its adapters, which eval and replay load into.
+    save_file({name.replace(".base_layer.", "."): p.detach().contiguous() for name, p in model.named_parameters()
+               if not name.endswith(".offsets") and not is_adapter(name)}, str(folder / SCALES_FILE))
 
 
 def load_scales(folder, model) -> None:

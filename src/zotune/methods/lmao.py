@@ -18,7 +18,7 @@ import torch
 from zotune.core.optim import MeZO, decay_groups, replay
 from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
-from zotune.methods.adapters import LoRAConfig, is_adapter
+from zotune.methods.adapters import LoRAConfig, is_adapter, save_scales
 from zotune.methods.footprint import Footprint, Row
 from zotune.methods.hybrid import Hybrid
 from zotune.methods.mezo import ZOConfig, projected_grad, zo_options
@@ -61,7 +61,7 @@ class LMAO(Hybrid):
         self.model = model
         named = list(model.named_parameters())
         adapters = [(n, p) for n, p in named if is_adapter(n)]
-        base = [(n, p) for n, p in named if not is_adapter(n)]
+        base = zeroth_order_part(named)
         if not adapters:
             raise ValueError("LMAO needs a peft model with LoRA adapters (no parameter named lora_*)")
         self.adapters = [p for _, p in adapters]
@@ -117,11 +117,20 @@ class LMAO(Hybrid):
         self.zo.load_state_dict(state_dict["zo"])
 
 
+def zeroth_order_part(named_parameters) -> list:
+    """The base weights, which LMAO's zeroth-order phase trains; on a quantized base, their scales."""
+    base = [(n, p) for n, p in named_parameters if not is_adapter(n)]
+    if any(n.endswith(".scales") for n, _ in base):
+        base = [(n, p) for n, p in base if n.endswith(".scales")]
+    return base
+
+
 @dataclass
 class LMAOConfig(ZOConfig, LoRAConfig):
     lr_fo: float = option(1e-4, "first-order (AdamW) learning rate of the adapters (decayed linearly to 0)",
                           aliases=("lr",))
-    lr_zo: float = option(1e-6, "zeroth-order learning rate of the base weights (constant)", aliases=("lr_base",))
+    lr_zo: float = option(1e-6, "zeroth-order learning rate of the base weights (constant; on a --quantize base, "
+                          "of its scales: try 1e-8 with --eps 1e-5)", aliases=("lr_base",))
     max_grad_norm: float = option(1.0, "clipping of the adapters' gradient norm")
 
     def __post_init__(self):
@@ -167,13 +176,16 @@ class LMAOMethod(Method):
         self.zo.merge_factors()
         model.save_pretrained(folder / "adapter")
         self.optimizer.trajectory.save(folder / "trajectory.json")
-        save_model(folder / "model", model.merge_and_unload(), tokenizer)
+        if any(n.endswith(".scales") for n, _ in model.named_parameters()):
+            save_scales(folder / "scales", model.get_base_model())  # no merge into 4- or 8-bit codes
+        else:
+            save_model(folder / "model", model.merge_and_unload(), tokenizer)
 
     @classmethod
     def replay(cls, model, config: LMAOConfig, trajectory):
         wrapped = config.wrap(model, seed=0)  # the adapters are thrown away below
         # The trajectory's keys are the parameter names inside the peft model, as LMAO recorded them.
-        base = [(name, p.requires_grad_(True)) for name, p in wrapped.named_parameters() if not is_adapter(name)]
+        base = [(name, p.requires_grad_(True)) for name, p in zeroth_order_part(wrapped.named_parameters())]
         replay(decay_groups(base, config.weight_decay), trajectory)
         return wrapped.unload()
 

@@ -24,10 +24,10 @@ def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0
     matrices) on the test sample of a run with this config; with ``icl`` K, each prompt follows K demonstrations
     drawn from that run's training sample."""
     model, tokenizer, kind = load_base(config)
-    if adapter:
-        model = _with_adapter(model, adapter)
     if scales is not None:
         load_scales(scales, model)
+    if adapter:
+        model = _with_adapter(model, adapter)
     task = tasks.build_task(config)
     split = tasks.sample(task, config.n_train, config.n_dev, config.n_test, config.seed)
     if icl:
@@ -48,10 +48,11 @@ def evaluate_run(run_dir: str, progress: bool = True) -> dict:
     if (folder / "model").is_dir():  # LMAO runs have an adapter too, but the merged model is the result
         config.model = str(folder / "model")
         return evaluate_model(config)
+    scales = folder / "scales" if (folder / "scales").is_dir() else None  # a quantized base's trained tensors
     if (folder / "adapter").is_dir():
-        return evaluate_model(config, adapter=str(folder / "adapter"))
-    if (folder / "scales").is_dir():
-        return evaluate_model(config, scales=folder / "scales")
+        return evaluate_model(config, adapter=str(folder / "adapter"), scales=scales)
+    if scales is not None:
+        return evaluate_model(config, scales=scales)
     raise UserError(f"{run_dir} has no final model yet (unfinished run?): resume it first")
 
 

@@ -36,7 +36,7 @@ def test_zeroth_order_on_the_scales_of_a_quantized_base_exports_replays_and_resu
 
 
 def test_a_quantized_base_without_trainable_scales_is_refused_before_loading(tiny_model_dir, tmp_path):
-    with pytest.raises(UserError, match=r"train their scales \(--peft scales\) or LoRA adapters on top"):
+    with pytest.raises(UserError, match=r"train their scales \(--peft scales\) or adapters on top"):
         Run(config(tiny_model_dir, tmp_path / "run", quantize="int8"), resume=False)
 
 
@@ -58,6 +58,7 @@ def test_quantized_runs_refuse_what_they_cannot_do_in_one_line(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("method, options", [("mezo", dict(peft="lora", lr=1e-2, eps=1e-2)),
+                                             ("mezo", dict(peft="lowrank", lr=1e-2, eps=1e-2)),
                                              ("lora-ft", dict(lr=1e-2))])
 def test_lora_adapters_on_a_quantized_base_train_export_and_evaluate(tiny_model_dir, tmp_path, method, options):
     """QLoRA's pattern (lora-ft: by first order through the dequantized base) and its zeroth-order twin."""
@@ -69,6 +70,11 @@ def test_lora_adapters_on_a_quantized_base_train_export_and_evaluate(tiny_model_
     assert evaluate_run(str(out), progress=False)["test_accuracy"] == result["test_accuracy"]
     if method == "mezo":
         assert "bit-identical to the run's adapter" in replay_run(str(out), str(tmp_path / "replayed"))
+    if options.get("peft") == "lowrank":  # A is the frozen direction V, drawn from the seed; only B moved
+        again = load_file(tmp_path / "replayed" / "adapter_model.safetensors")
+        a = [name for name in adapter if "lora_A" in name]
+        assert a and all(torch.equal(adapter[name], again[name]) for name in a)
+        assert all(abs(adapter[name].std().item() * adapter[name].shape[0] ** 0.5 - 1) < 0.3 for name in a)
 
 
 def test_hzo_on_a_quantized_base_keeps_its_first_order_blocks_in_float(tiny_model_dir, tmp_path):

@@ -34,12 +34,13 @@ from zotune.errors import UserError, reason
 from zotune.methods.registry import MethodConfig, check_positive, option, save_model
 from zotune.assets.models import add_lora, quiet_peft
 
-PEFT_MODES = ("none", "lora", "prefix", "scales")
+PEFT_MODES = ("none", "lora", "lowrank", "prefix", "scales")
 # MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
 # Scales (of a quantized base) are about 1e-3 (int8) to 1e-2 (int4) of the weights' magnitude: eps 1e-5 moves
 # them by a few per cent, as eps 1e-3 moves weights of magnitude 0.05.
 ZO_DEFAULTS = {"none": {"lr_zo": 1e-6, "eps": 1e-3}, "lora": {"lr_zo": 1e-4, "eps": 1e-2},
-               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}, "scales": {"lr_zo": 1e-8, "eps": 1e-5}}
+               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}, "scales": {"lr_zo": 1e-8, "eps": 1e-5},
+               "lowrank": {"lr_zo": 1e-4, "eps": 1e-3}}  # perturbs each weight by about eps, as --peft none does
 
 
 def by_mode(name: str, modes=PEFT_MODES) -> str:
@@ -76,10 +77,13 @@ class PeftOptions(LoRAConfig):
     """The adapter options of the zeroth-order methods (LoRA's are lora-ft's, shared by name)."""
 
     peft: str = option("none", "what zeroth order trains: none (every weight), lora (peft LoRA adapters: --lora-r, "
-                       "--lora-alpha, --lora-targets) or prefix (--prefix-tokens key/value prefixes per layer, "
-                       "initialised from the activations of random vocabulary tokens), or scales (the per-group "
-                       "scales of a --quantize base, QZO); with lora or prefix the base weights stay frozen and the "
-                       "run exports adapter/, with scales the run exports scales/", choices=PEFT_MODES)
+                       "--lora-alpha, --lora-targets), lowrank (LoRA whose A is a frozen Gaussian V: perturbing B "
+                       "perturbs each target matrix along U Vᵀ, LOZO's direction with V never redrawn, and the "
+                       "updates stay a factored adapter, also on a quantized base), prefix (--prefix-tokens "
+                       "key/value prefixes per layer, initialised from the activations of random vocabulary "
+                       "tokens), or scales (the per-group scales of a --quantize base, QZO); with lora, lowrank or "
+                       "prefix the base weights stay frozen and the run exports adapter/, with scales the run "
+                       "exports scales/", choices=PEFT_MODES)
     prefix_tokens: int = option(5, "--peft prefix: virtual tokens per layer")
 
     def __post_init__(self):
@@ -105,6 +109,8 @@ def add_adapters(model, config: PeftOptions, seed: int):
         return model
     if config.peft == "lora":
         return config.wrap(model, seed)
+    if config.peft == "lowrank":
+        return _fixed_directions(config.wrap(model, seed), seed)
     if config.peft == "scales":
         return train_scales(model)
     return _add_prefix(model, config.prefix_tokens, seed)
@@ -144,6 +150,19 @@ def _seed_lora(model, seed: int) -> None:
         if draw is not None:
             generator = torch.Generator().manual_seed(hash64("zotune-lora-init", seed, name) >> 1)
             param.copy_(draw(torch.empty(param.shape, dtype=torch.float32), generator))
+
+
+@torch.no_grad()
+def _fixed_directions(model, seed: int):
+    """LoRA adapters whose A (r × n) is a frozen Gaussian of variance 1/r drawn from ``seed``: a perturbation z of B
+    moves W by z A, a rank-r direction whose entries have variance 1, like a dense one's."""
+    for name, param in model.named_parameters():
+        if "lora_A." in name:
+            generator = torch.Generator().manual_seed(hash64("zotune-lowrank-v", seed, name) >> 1)
+            values = torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[0])
+            param.copy_(values)
+            param.requires_grad_(False)
+    return model
 
 
 class _CacheRename(logging.Filter):

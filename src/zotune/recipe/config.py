@@ -147,12 +147,12 @@ class TrainConfig:
 
     def check_trainable(self) -> None:
         """What a training run (not an evaluation) of this config needs."""
-        trains_on_top = self.method in ("lora-ft", "lmao") or getattr(self.options, "peft", "none") in ("scales",
-                                                                                                      "lora")
+        trains_on_top = self.method in ("lora-ft", "lmao") or getattr(self.options, "peft", "none") in (
+            "scales", "lora", "lowrank")
         if self.quantized and not trains_on_top:
             option = f"--quantize {self.quantize}" if self.quantize != "none" else "--keep-quantized"
             raise UserError(f"{option} keeps the base weights frozen in 8 or 4 bits: train their scales (--peft "
-                            f"scales) or LoRA adapters on top (--peft lora, or --method lora-ft or lmao)")
+                            f"scales) or adapters on top (--peft lora or lowrank, or --method lora-ft or lmao)")
 
     @property
     def quantized(self) -> bool:

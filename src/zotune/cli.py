@@ -80,8 +80,9 @@ def cmd_bench(args) -> int:
     from zotune.tools import bench
     rows = []
     for name in args.model:
-        rows += bench.bench(name, args.batch_size, args.length, args.dtype, args.device,
-                            [m.strip() for m in args.methods.split(",") if m.strip()], args.repeats)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else bench.DEFAULT_METHODS
+        rows += bench.bench(name, args.batch_size, args.length, args.dtype, args.device, methods, args.repeats,
+                            args.quantize)
     print(bench.table(rows))
     if args.json:
         bench.save_json(rows, args.json)
@@ -186,9 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--length", type=int, default=128, help="tokens per sequence (default: 128)")
     bench.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="weights dtype")
     bench.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--methods", default=",".join(bench_module.DEFAULT_METHODS),
+    bench.add_argument("--methods",
                        help=f"comma-separated, run in this order, from {', '.join(bench_module.all_methods())} "
-                            "(default: %(default)s)")
+                            f"(default: {','.join(bench_module.DEFAULT_METHODS)}; with --quantize: "
+                            f"{','.join(bench_module.ON_QUANTIZED)})")
+    bench.add_argument("--quantize", default="none", choices=("none", "int8", "int4"),
+                       help="bench on a quantized base (mezo then trains its scales)")
     bench.add_argument("--repeats", type=int, default=5, help="timed steps per method (median reported)")
     bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     bench.add_argument("--plot", metavar="PNG", help="save time/step and memory vs model size (needs matplotlib)")

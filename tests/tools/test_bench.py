@@ -160,3 +160,11 @@ def test_the_transfer_floor_is_the_slower_way_of_the_link():
     row = {"model": "llama-tiny", "method": "mezo-offload", "batch_size": 1, "length": 4, "seconds": 6.0,
            "peak_gib": 1.0, **columns}
     assert "| 4.00 / 3.00 | 2.0 / 1.0 | 3000.0 | 2.00 |" in bench.offload_table([row])
+
+
+def test_bench_runs_on_a_quantized_base_and_refuses_what_cannot():
+    rows = bench.bench("llama-tiny", batch_size=2, length=8, dtype="fp32", device="cpu", repeats=1, quantize="int4")
+    assert [r["method"] for r in rows] == list(bench.ON_QUANTIZED)
+    assert all(r["seconds"] and r["dtype"] == "fp32, int4 base" for r in rows)
+    with pytest.raises(UserError, match="hzo cannot run on a quantized base"):
+        bench.bench("llama-tiny", methods=["hzo"], device="cpu", quantize="int8")

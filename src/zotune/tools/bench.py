@@ -16,6 +16,7 @@ from zotune.tools.meters import Meter, Traffic, host_allocated_bytes, link_bandw
 from zotune import methods as registry
 from zotune.errors import UserError, reason
 from zotune.assets.models import DTYPES
+from zotune.core.quant import quantize_model, quantized_weights
 
 # Bench-only rows besides the registered methods: a baseline and the research code's MeZO step.
 FORWARD, REFERENCE = "forward", "mezo-reference"
@@ -28,6 +29,7 @@ OFFLOADED = {name for name, (method, overrides) in VARIANTS.items()
 # The registry's order: from the least memory to the most (a method that runs out of it comes last).
 DEFAULT_METHODS = (FORWARD, REFERENCE, *registry.names())
 OUT_OF_MEMORY = "out of memory"
+ON_QUANTIZED = (FORWARD, "mezo", "lora-ft", "lmao")  # the rows a --quantize base runs (mezo: on its scales)
 BENCH_LR = 1e-7  # small enough that a few steps leave the random weights what they were
 # (hidden, layers, heads, ffn) of the OPT family; vocab 50272 and 2048 positions throughout.
 OPT_SIZES = {
@@ -145,8 +147,17 @@ def reference_mezo_step(params, closure, seed: int, lr: float = 1e-7, eps: float
 
 
 def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str = "fp16", device: str | None = None,
-          methods=DEFAULT_METHODS, repeats: int = 5) -> list[dict]:
+          methods=DEFAULT_METHODS, repeats: int = 5, quantize: str = "none") -> list[dict]:
+    """Time and peak memory of a step of each of ``methods`` on a random-init ``model_name``; with ``quantize``
+    (int8 or int4), on that quantized base: mezo trains its scales, lora-ft and lmao their adapters on top."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if quantize != "none":
+        if methods == DEFAULT_METHODS:
+            methods = ON_QUANTIZED
+        refused = sorted(set(methods) - set(ON_QUANTIZED))
+        if refused:
+            raise UserError(f"--quantize {quantize}: {', '.join(refused)} cannot run on a quantized base in zotune "
+                            f"bench; choose from {', '.join(ON_QUANTIZED)}")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if min(batch_size, length, repeats) <= 0:
@@ -162,6 +173,8 @@ def bench(model_name: str, batch_size: int = 16, length: int = 128, dtype: str =
     with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
         torch.manual_seed(0)
         model = random_model(config, DTYPES[dtype], home)
+        if quantize != "none":
+            quantize_model(model, quantize)
         meter = Meter(device, repeats)
         return _bench_model(model, model_name, config, batch_size, length, dtype, device, home, methods, meter)
 
@@ -179,7 +192,9 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, h
                                                  repeated[:, 1:].reshape(-1), reduction="none")
         return each.view(copies, -1).mean(1)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    quantized = next((w.layout.name for w in quantized_weights(model)), None)
+    n_params = sum(p.numel() for name, p in model.named_parameters() if not name.endswith((".scales", ".offsets")))
+    n_params += sum(w.shape[0] * w.shape[1] for w in quantized_weights(model))  # the base's weights, in codes
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     rows = []
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -199,7 +214,9 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, h
             result = {"seconds": None, "peak_gib": None, "error": f"{type(error).__name__}: {error}"}
             randomize(model, config)  # it may have left non-finite weights behind
         rows.append({"model": model_name, "params": n_params, "largest_tensor_gib": largest, "method": method,
-                     "batch_size": batch_size, "length": length, "dtype": dtype, "device": _device_name(device),
+                     "batch_size": batch_size, "length": length,
+                     "dtype": dtype if quantized is None else f"{dtype}, {quantized} base",
+                     "device": _device_name(device),
                      **result})
         gc.collect()
         if device.startswith("cuda"):
@@ -227,6 +244,8 @@ def _run_method(name, model, loss, meter, home) -> dict:
     method, overrides = VARIANTS.get(name, (name, {}))
     entry = registry.get(method)
     overrides = {**dict.fromkeys(entry.config.rates(), BENCH_LR), **overrides}
+    if method == "mezo" and quantized_weights(model):
+        overrides["peft"] = "scales"
     # The meter runs a warm-up step and then `repeats` steps: a schedule over exactly those.
     trainer = entry.method(model, entry.config(**overrides), seed=0, steps=meter.repeats + 1)
     try:

@@ -89,3 +89,11 @@ def test_keep_quantized_needs_a_gguf(tiny_model_dir, capsys):
 
     assert cli.main(["train", "--model", str(tiny_model_dir), "--keep-quantized", "--peft", "scales"]) != 0
     assert "is not a .gguf file" in capsys.readouterr().err
+
+
+def test_a_damaged_gguf_is_one_line(tmp_path):
+    path = write_gguf(tmp_path / "cut.Q4_1.gguf", kind="Q4_1")
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 5000)
+    with pytest.raises(UserError, match="cannot read"):
+        models.load(str(path), device="cpu", keep_quantized=True)

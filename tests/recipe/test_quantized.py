@@ -12,11 +12,11 @@ from .test_train import config
 QZO = dict(method="mezo", quantize="int4", group_size=16, peft="scales", lr=1e-5, eps=1e-4)
 
 
-@pytest.mark.parametrize("checkpoint", ["full", "trajectory"])
+@pytest.mark.parametrize("checkpoint, stacked", [("full", False), ("trajectory", True)])
 def test_zeroth_order_on_the_scales_of_a_quantized_base_exports_replays_and_resumes(tiny_model_dir, tmp_path,
-                                                                                    monkeypatch, checkpoint):
+                                                                                    monkeypatch, checkpoint, stacked):
     straight = tmp_path / "straight"
-    result = train(config(tiny_model_dir, straight, checkpoint=checkpoint, **QZO))
+    result = train(config(tiny_model_dir, straight, checkpoint=checkpoint, stacked=stacked, **QZO))
     scales = load_file(straight / "scales" / "scales.safetensors")
     assert any(name.endswith(".scales") for name in scales) and not any(name.endswith(".offsets") for name in scales)
     base = Run(config(tiny_model_dir, tmp_path / "base", **QZO), resume=False).model
@@ -28,7 +28,7 @@ def test_zeroth_order_on_the_scales_of_a_quantized_base_exports_replays_and_resu
     interrupted = tmp_path / "interrupted"
     original = stop_after(monkeypatch, {1})
     with pytest.raises(Interrupted, match="--resume"):
-        train(config(tiny_model_dir, interrupted, checkpoint=checkpoint, **QZO))
+        train(config(tiny_model_dir, interrupted, checkpoint=checkpoint, stacked=stacked, **QZO))
     monkeypatch.setattr(Run, "train_step", original)
     train(resume_config(str(interrupted), {"progress": False}), resume=True)
     again = load_file(interrupted / "scales" / "scales.safetensors")
@@ -50,7 +50,6 @@ def test_a_quantized_base_evaluates(tiny_model_dir):
 @pytest.mark.parametrize("options, message", [
     (dict(peft="scales"), "add --quantize int8 or int4"),
     (dict(quantize="int4", peft="scales", group_size=0), "--group-size"),
-    (dict(quantize="int4", peft="scales", stacked=True), "drop --stacked with --peft scales"),
 ])
 def test_quantized_runs_refuse_what_they_cannot_do_in_one_line(tiny_model_dir, tmp_path, options, message):
     with pytest.raises(UserError, match=message):

@@ -111,6 +111,20 @@ class QuantizedWeight(nn.Module):
         self.compute_dtype = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
         return super()._apply(fn, recurse)
 
+    def forward(self, x: torch.Tensor, lookup: bool = False) -> torch.Tensor:
+        """``x Wᵀ`` (in chunks of output rows for a large matrix), or with ``lookup`` the rows of W that the
+        integers ``x`` name. The layers call this module rather than read its scales: a perturbation of the scales
+        is then substituted while it runs, as for any module's own parameters, and a stacked evaluation can give
+        each copy of the batch its own."""
+        if lookup:
+            return self.gather(x, self.compute_dtype)
+        rows = max(1, CHUNK_ELEMENTS // self.shape[1])
+        if rows >= self.shape[0]:
+            return F.linear(x, self.rows(0, self.shape[0], x.dtype))
+        parts = [F.linear(x, self.rows(start, min(start + rows, self.shape[0]), x.dtype))
+                 for start in range(0, self.shape[0], rows)]
+        return torch.cat(parts, dim=-1)
+
     def rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         offsets = None if self.offsets is None else self.offsets[start:stop]
         return dequantize(self.codes[start:stop], self.scales[start:stop], offsets, self.layout, dtype)
@@ -144,15 +158,8 @@ class QuantizedLinear(nn.Module):
         return self.quantized.dequantized(self.quantized.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = max(1, CHUNK_ELEMENTS // self.in_features)
-        if rows >= self.out_features:
-            return F.linear(x, self.quantized.rows(0, self.out_features, x.dtype), self.bias)
-        parts = []
-        for start in range(0, self.out_features, rows):
-            stop = min(start + rows, self.out_features)
-            bias = None if self.bias is None else self.bias[start:stop]
-            parts.append(F.linear(x, self.quantized.rows(start, stop, x.dtype), bias))
-        return torch.cat(parts, dim=-1)
+        y = self.quantized(x)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -171,7 +178,7 @@ class QuantizedEmbedding(nn.Module):
         return self.quantized.dequantized(self.quantized.compute_dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.quantized.gather(ids, self.quantized.compute_dtype)
+        return self.quantized(ids, lookup=True)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

@@ -262,8 +262,7 @@ class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     estimator: str = option("one-sided", "gradient estimator: spsa (two-sided), one-sided or fzoo",
                             choices=ESTIMATORS)
     stacked: bool = option(True, "evaluate a step's points in one forward over the batch repeated (joint order: "
-                           "the unperturbed and the perturbed copy); off with --peft scales, whose scales every copy "
-                           "reads at once")
+                           "the unperturbed and the perturbed copy)")
     merge: str = option("resample", "lowrank: write every update into the weights (step), or keep a matrix's "
                         "updates as an m×r factor applied on its layer's output until V is redrawn (resample: no "
                         "weight writes, so no offload write-back, in between)", choices=("step", "resample"))
@@ -277,8 +276,6 @@ class HZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         super().__post_init__()
         check_non_negative(self, "lr_zo", "deep_blocks")
         check_positive(self, "max_grad_norm")
-        if self.peft == "scales":
-            self.stacked = False
         if self.peft == "prefix":
             raise UserError("--peft prefix: hzo splits the model into shallow and deep blocks, but the prefix is one "
                             "tensor over all layers; use --method mezo --peft prefix, or hzo --peft lora")

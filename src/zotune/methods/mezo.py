@@ -158,9 +158,6 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.shard and (self.offload != "none" or self.peft != "none" or self.direction in ("lowrank", "sparse")):
             raise UserError("--shard works with full-parameter zeroth order and dense directions: leave out --offload, "
                             "--peft and --direction lowrank or sparse")
-        if self.peft == "scales" and self.stacked:
-            raise UserError("--stacked gives each copy of the batch its own perturbed layers, but a quantized layer's "
-                            "scales are dequantized once for all copies: drop --stacked with --peft scales")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         check_positive(self, "momentum_window")

@@ -136,3 +136,30 @@ def test_mezo_trains_the_scales_and_replays_them_bit_for_bit():
     replayed = quantized()
     zotune.replay([(n, p) for n, p in replayed.named_parameters() if p.requires_grad], optimizer.trajectory)
     assert all(torch.equal(a, b) for a, b in zip(after.values(), snapshot(replayed).values()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_quantized_model_on_cuda_trains_its_scales_like_on_the_cpu(name):
+    """The CUDA path of the quantized layers (never run before a GPU is lent): the same logits as on the CPU
+    within float rounding, and a zeroth-order step on the scales that replays bit for bit on the GPU."""
+    model = tiny_model("llama")
+    quantize_model(model, name, group_size=16)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.cuda()
+        assert torch.allclose(model(ids.cuda()).logits.cpu(), expected, atol=1e-4)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("scales"))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = zotune.MeZO(params, lr=1e-3, eps=1e-3, seed=1)
+    cuda_ids = ids.cuda()
+    optimizer.step(lambda: model(input_ids=cuda_ids, labels=cuda_ids).loss)
+    again = tiny_model("llama")
+    quantize_model(again, name, group_size=16)
+    again.cuda()
+    zotune.replay([(n, p) for n, p in again.named_parameters() if n.endswith("scales")], optimizer.trajectory)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(params, [(n, p) for n, p in again.named_parameters()
+                                                                      if n.endswith("scales")]))

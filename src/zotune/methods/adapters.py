@@ -36,10 +36,10 @@ from zotune.assets.models import add_lora, quiet_peft
 
 PEFT_MODES = ("none", "lora", "lowrank", "prefix", "scales")
 # MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
-# Scales (of a quantized base) are about 1e-3 (int8) to 1e-2 (int4) of the weights' magnitude: eps 1e-5 moves
-# them by a few per cent, as eps 1e-3 moves weights of magnitude 0.05.
+# Scales (of a quantized base) are about 1e-3 (int8) to 1e-2 (int4): eps 1e-5 moves them by a fraction of a per
+# cent. lr: the best of 1e-5 (diverged), 1e-6 and 1e-7 on rt-sst2 at 4,000 example-forwards (BENCHMARKS.md).
 ZO_DEFAULTS = {"none": {"lr_zo": 1e-6, "eps": 1e-3}, "lora": {"lr_zo": 1e-4, "eps": 1e-2},
-               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}, "scales": {"lr_zo": 1e-8, "eps": 1e-5},
+               "prefix": {"lr_zo": 1e-2, "eps": 1e-1}, "scales": {"lr_zo": 1e-6, "eps": 1e-5},
                "lowrank": {"lr_zo": 1e-4, "eps": 1e-3}}  # perturbs each weight by about eps, as --peft none does
 
 

@@ -130,7 +130,7 @@ class LMAOConfig(ZOConfig, LoRAConfig):
     lr_fo: float = option(1e-4, "first-order (AdamW) learning rate of the adapters (decayed linearly to 0)",
                           aliases=("lr",))
     lr_zo: float = option(1e-6, "zeroth-order learning rate of the base weights (constant; on a --quantize base, "
-                          "of its scales: try 1e-8 with --eps 1e-5)", aliases=("lr_base",))
+                          "of its scales: try 1e-6 with --eps 1e-5)", aliases=("lr_base",))
     max_grad_norm: float = option(1.0, "clipping of the adapters' gradient norm")
 
     def __post_init__(self):

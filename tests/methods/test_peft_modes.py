@@ -23,9 +23,10 @@ from ..recipe.test_train import config
 # -- options and defaults ------------------------------------------------------------------------------------------
 
 def test_lr_and_eps_default_by_mode_and_the_saved_config_keeps_the_numbers():
-    expected = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
+    expected = {"none": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1), "lowrank": (1e-4, 1e-3),
+                "scales": (1e-6, 1e-5)}
     for peft, (lr, eps) in expected.items():
-        options = cfg.from_mapping({"peft": peft}).options
+        options = cfg.from_mapping({"peft": peft, "quantize": "int4" if peft == "scales" else "none"}).options
         assert (options.lr_zo, options.eps) == (lr, eps)
     given = cfg.from_mapping({"peft": "prefix", "lr_zo": "1e-3"}).options  # YAML gives strings
     assert (given.lr_zo, given.eps, given.prefix_tokens) == (1e-3, 1e-1, 5)
@@ -40,11 +41,12 @@ def test_lr_and_eps_default_by_mode_and_the_saved_config_keeps_the_numbers():
     assert cfg.from_mapping({"method": "lmao"}).options.eps == 1e-3  # shared eps: the other methods keep theirs
     cfg.method_fields()  # lr, eps, lora_*: one type per name across the methods
     help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
-    assert "default by --peft: none 1e-6, lora 1e-4, prefix 1e-2" in help_text and "--prefix-tokens" in help_text
+    assert "default by --peft: none 1e-6, lora 1e-4, lowrank 1e-4, prefix 1e-2, scales 1e-6" in help_text
+    assert "--prefix-tokens" in help_text
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"peft": "ia3"}, "peft 'ia3' is not one of none, lora, prefix"),
+    ({"peft": "ia3"}, "peft 'ia3' is not one of none, lora, lowrank, prefix, scales"),
     ({"peft": "lora", "offload": "cpu"}, "--peft lora trains a small adapter on a frozen model"),
     ({"method": "hzo", "peft": "lora", "offload": "cpu"}, "drop --offload"),
     ({"method": "hzo", "peft": "prefix"}, "use --method mezo --peft prefix"),

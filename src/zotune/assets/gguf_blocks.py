@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from zotune.assets.convert import check_file, config_of
-from zotune.core.quant import Layout, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, pack_int4
+from zotune.core.quant import (Layout, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, pack_int4,
+                               replace_module)
 from zotune.errors import UserError, reason
 
 GROUP = 32
@@ -95,10 +96,9 @@ def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
     return None if np.array_equal(order, probe.reshape(-1)) else torch.from_numpy(np.ascontiguousarray(order))
 
 
-def load(path: pathlib.Path, dtype: torch.dtype, quantize: str | None = None, group_size: int = 32,
-         progress: bool = True):
-    """The causal LM of GGUF ``path``, its quantized matrices kept (float ones quantized with ``quantize`` if
-    given), and its tokenizer. Returns ``(model, tokenizer, notes)``."""
+def load(path: pathlib.Path, dtype: torch.dtype):
+    """The causal LM of GGUF ``path``, its quantized matrices kept, and its tokenizer. Returns ``(model, tokenizer,
+    notes)``."""
     import gguf
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,7 +121,6 @@ def load(path: pathlib.Path, dtype: torch.dtype, quantize: str | None = None, gr
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     names = get_gguf_hf_weights_map(model, processor)
     modules = dict(model.named_modules())
-    made: dict[str, QuantizedWeight] = {}
     notes = set()
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
@@ -154,26 +153,21 @@ def load(path: pathlib.Path, dtype: torch.dtype, quantize: str | None = None, gr
         if order is not None:
             codes, scales = codes[order], scales[order]
             offsets = None if offsets is None else offsets[order]
-        made[hf_name] = weight = QuantizedWeight(codes, scales, offsets, layout, shape, dtype)
+        weight = QuantizedWeight(codes, scales, offsets, layout, shape, dtype)
         replacement = (QuantizedEmbedding(weight, owner.padding_idx) if isinstance(owner, nn.Embedding)
                        else QuantizedLinear(weight, None))
-        parent_name, _, child = owner_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        replace_module(model, owner_name, replacement)
         modules[owner_name] = replacement
-    _tie_head(model, made)
+    _tie_head(model)
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise UserError(f"{path.name} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
                                                              else "") + ": the file is damaged or not this model")
-    if quantize:
-        from zotune.core.quant import quantize_model
-
-        quantize_model(model, quantize, group_size)  # what the file held in float
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer, sorted(notes)
 
 
-def _tie_head(model, made: dict[str, QuantizedWeight]) -> None:
+def _tie_head(model) -> None:
     """A head tied to the input embedding (no output tensor in the file) reads the embedding's blocks."""
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()

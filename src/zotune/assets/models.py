@@ -85,17 +85,7 @@ def load(name: str, dtype: str = "fp32", kind: str = "auto", device: str | None 
     except LOAD_ERRORS as error:  # a file missing from the folder, which transformers does not name
         raise UserError(f"could not load the tokenizer of model {name!r} ({reason(error)}): restore its tokenizer "
                         "files (tokenizer.json, tokenizer_config.json) from a copy") from None
-    check_tokenizer(name, model, tokenizer)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if quantize != "none":  # on the host, before the move: the device never holds the float model
-        from zotune.core.quant import quantize_model
-
-        prefixes = tuple(keep_float(model))
-        quantize_model(model, quantize, group_size,
-                       skip=lambda module: any(module == p or module.startswith(p + ".") for p in prefixes))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer, kind
+    return _ready(name, model, tokenizer, kind, device, quantize, group_size, tuple(keep_float(model)))
 
 
 def _load_gguf_blocks(name: str, dtype: str, device, quantize: str, group_size: int, keep_float):
@@ -105,17 +95,28 @@ def _load_gguf_blocks(name: str, dtype: str, device, quantize: str, group_size: 
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    model, tokenizer, notes = gguf_blocks.load(Path(name).expanduser(), DTYPES[dtype],
-                                               None if quantize == "none" else quantize, group_size)
+    model, tokenizer, notes = gguf_blocks.load(Path(name).expanduser(), DTYPES[dtype])
     for note in notes:
         say(True, f"{Path(name).name}: {note}")
-    dequantize_modules(model, tuple(keep_float(model)))
+    keep = tuple(keep_float(model))
+    dequantize_modules(model, keep)
+    tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
+    return _ready(name, model, tokenizer, "causal", device, quantize, group_size, keep)
+
+
+def _ready(name: str, model, tokenizer, kind: str, device: str | None, quantize: str, group_size: int,
+           keep: tuple[str, ...]):
+    """The loaded model and tokenizer checked against each other and padded; the model's float matrices (but those
+    inside ``keep``) quantized as ``quantize`` asks; the model in eval mode on ``device``."""
     check_tokenizer(name, model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unbounded
+    if quantize != "none":  # on the host, before the move: the device never holds the float model
+        from zotune.core.quant import quantize_model
+
+        quantize_model(model, quantize, group_size, keep=keep)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer, "causal"
+    return model.to(device).eval(), tokenizer, kind
 
 
 def check_files(folder: Path, what: str) -> None:

@@ -184,19 +184,19 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-def quantize_model(model: nn.Module, name: str, group_size: int = 32, skip=lambda module_name: False) -> dict:
-    """Replaces the model's linear and embedding layers (but those ``skip(name)`` keeps) by quantized ones, in
-    place, keeping tied weights tied. Returns a summary: the layers quantized, those kept and why, and the bytes
-    of the quantized weights."""
+def quantize_model(model: nn.Module, name: str, group_size: int = 32, keep: tuple[str, ...] = ()) -> dict:
+    """Replaces the model's linear and embedding layers (but those inside the modules named by ``keep``) by
+    quantized ones, in place, keeping tied weights tied. Returns a summary: the layers quantized, those kept and
+    why, and the bytes of the quantized weights."""
     layout = layout_of(name, group_size)
     made: dict[int, QuantizedWeight] = {}
     quantized, kept = [], {}
     # A weight tied to a module kept in float stays float everywhere: one tensor cannot be both.
     floats = {id(module.weight) for module_name, module in model.named_modules()
-              if skip(module_name) and isinstance(getattr(module, "weight", None), torch.Tensor)}
+              if inside(module_name, keep) and isinstance(getattr(module, "weight", None), torch.Tensor)}
     for module_name, module in list(model.named_modules()):
         transposed = _is_conv1d(module)
-        if not (isinstance(module, (nn.Linear, nn.Embedding)) or transposed) or skip(module_name):
+        if not (isinstance(module, (nn.Linear, nn.Embedding)) or transposed) or inside(module_name, keep):
             continue
         if id(module.weight) in floats:
             kept[module_name] = "its weight is tied to a layer kept in float"
@@ -216,8 +216,7 @@ def quantize_model(model: nn.Module, name: str, group_size: int = 32, skip=lambd
             replacement = QuantizedLinear(shared, module.bias)
         else:
             replacement = QuantizedEmbedding(shared, module.padding_idx)
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        replace_module(model, module_name, replacement)
         quantized.append(module_name)
     return dict(format=name, group_size=group_size, quantized=quantized, kept=kept,
                 bytes=sum(w.nbytes() for w in made.values()))
@@ -240,9 +239,8 @@ def quantized_weights(model: nn.Module) -> list[QuantizedWeight]:
 def dequantize_modules(model: nn.Module, prefixes: tuple[str, ...]) -> None:
     """Turns the quantized layers inside the modules named by ``prefixes`` back into float ``nn.Linear`` and
     ``nn.Embedding`` (a method's full-precision part); layers elsewhere that share their weights follow."""
-    inside = lambda name: any(name == p or name.startswith(p + ".") for p in prefixes)  # noqa: E731
     chosen = {id(m.quantized) for name, m in model.named_modules()
-              if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and inside(name)}
+              if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and inside(name, prefixes)}
     floats: dict[int, nn.Parameter] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or id(module.quantized) not in chosen:
@@ -259,5 +257,15 @@ def dequantize_modules(model: nn.Module, prefixes: tuple[str, ...]) -> None:
             replacement = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
                                        device="meta")
         replacement.weight = weight
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        replace_module(model, name, replacement)
+
+
+def inside(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether module ``name`` is one of the modules named by ``prefixes`` or inside one."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts ``module`` at the dotted path ``name`` (``nn.Module.set_submodule`` is missing from some torch 2.4)."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from zotune.core.optim import MeZO, decay_groups, replay
+from zotune.core.quant import quantized_weights
 from zotune.core.mixed_precision import adamw
 from zotune.engine.distributed import average_gradients
 from zotune.methods.adapters import LoRAConfig, is_adapter, save_scales
@@ -176,7 +177,7 @@ class LMAOMethod(Method):
         self.zo.merge_factors()
         model.save_pretrained(folder / "adapter")
         self.optimizer.trajectory.save(folder / "trajectory.json")
-        if any(n.endswith(".scales") for n, _ in model.named_parameters()):
+        if quantized_weights(model):
             save_scales(folder / "scales", model.get_base_model())  # no merge into 4- or 8-bit codes
         else:
             save_model(folder / "model", model.merge_and_unload(), tokenizer)

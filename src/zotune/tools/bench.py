@@ -192,9 +192,10 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, h
                                                  repeated[:, 1:].reshape(-1), reduction="none")
         return each.view(copies, -1).mean(1)
 
-    quantized = next((w.layout.name for w in quantized_weights(model)), None)
+    kept = quantized_weights(model)
+    quantized = kept[0].layout.name if kept else None
     n_params = sum(p.numel() for name, p in model.named_parameters() if not name.endswith((".scales", ".offsets")))
-    n_params += sum(w.shape[0] * w.shape[1] for w in quantized_weights(model))  # the base's weights, in codes
+    n_params += sum(w.shape[0] * w.shape[1] for w in kept)  # the base's weights, in codes
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     rows = []
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -55,6 +55,8 @@ RECIPES = {
     "mezo-lora": dict(method="mezo", peft="lora"),
     "mezo-prefix": dict(method="mezo", peft="prefix"),
     "fzoo": dict(method="mezo", estimator="fzoo", direction="rademacher", n_samples=4, stacked=True),
+    # The candidate words' output rows (a linear probe by zeroth order): a step's 2 x 64 points share one forward
+    "mezo-head": dict(method="mezo", peft="head", n_samples=64),
     "lora-ft": dict(method="lora-ft", lr_fo=5e-4),  # the first-order yardstick: its wall-clock to 80 %
 }
 
@@ -62,10 +64,11 @@ RECIPES = {
 def spending(options, method: str, batch_size: int, steps: int) -> list[int]:
     """Example-forwards spent after each step of a run of ``steps``: the batch times the points the estimator
     evaluates (with ``n_samples_final``, a number that grows over the run); first order: one forward a step (its
-    backward is not a forward)."""
+    backward is not a forward); --peft head: one forward a step too, which every point reuses (its points cost a
+    product with a 2 x 576 matrix, not a forward)."""
     total, spent = 0, []
     for step in range(steps):
-        if method == "mezo":
+        if method == "mezo" and options.peft != "head":
             total += batch_size * len(estimator(options.estimator).plan(options.n_samples_at(step, steps)))
         else:
             total += batch_size

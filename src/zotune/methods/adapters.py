@@ -29,18 +29,20 @@ from dataclasses import dataclass
 
 import torch
 
+from zotune.core.head import find_head
 from zotune.core.rng import hash64
 from zotune.errors import UserError, reason
 from zotune.methods.registry import MethodConfig, check_positive, option, save_model
 from zotune.assets.models import add_lora, quiet_peft
 
-PEFT_MODES = ("none", "lora", "lowrank", "prefix", "scales")
+PEFT_MODES = ("none", "lora", "lowrank", "prefix", "scales", "head")
 # MeZO §1 (OPT-13B): full lr {1e-6, 1e-7} eps 1e-3; LoRA lr {1e-4, 5e-5} eps 1e-2; prefix lr {1e-2, 1e-3} eps 1e-1.
 # Scales (of a quantized base) are about 1e-3 (int8) to 1e-2 (int4): eps 1e-5 moves them by a fraction of a per
 # cent. lr: the best of 1e-5 (diverged), 1e-6 and 1e-7 on rt-sst2 at 4,000 example-forwards (BENCHMARKS.md).
 ZO_DEFAULTS = {"none": {"lr_zo": 1e-6, "eps": 1e-3}, "lora": {"lr_zo": 1e-4, "eps": 1e-2},
                "prefix": {"lr_zo": 1e-2, "eps": 1e-1}, "scales": {"lr_zo": 1e-6, "eps": 1e-5},
-               "lowrank": {"lr_zo": 1e-4, "eps": 1e-3}}  # perturbs each weight by about eps, as --peft none does
+               "lowrank": {"lr_zo": 1e-4, "eps": 1e-3},  # perturbs each weight by about eps, as --peft none does
+               "head": {"lr_zo": 3e-3, "eps": 1e-2}}
 
 
 def by_mode(name: str, modes=PEFT_MODES) -> str:
@@ -81,9 +83,11 @@ class PeftOptions(LoRAConfig):
                        "perturbs each target matrix along U Vᵀ, LOZO's direction with V never redrawn, and the "
                        "updates stay a factored adapter, also on a quantized base), prefix (--prefix-tokens "
                        "key/value prefixes per layer, initialised from the activations of random vocabulary "
-                       "tokens), or scales (the per-group scales of a --quantize base, QZO); with lora, lowrank or "
-                       "prefix the base weights stay frozen and the run exports adapter/, with scales the run "
-                       "exports scales/", choices=PEFT_MODES)
+                       "tokens), scales (the per-group scales of a --quantize base, QZO), or head (a correction of "
+                       "the output layer on the task's candidate words, a linear probe of the frozen model: every "
+                       "point of a step reuses one forward of the batch, so --n-samples costs almost nothing); "
+                       "with lora, lowrank or prefix the base weights stay frozen and the run exports adapter/, "
+                       "with scales scales/, with head head/", choices=PEFT_MODES)
     prefix_tokens: int = option(5, "--peft prefix: virtual tokens per layer")
 
     def __post_init__(self):
@@ -113,6 +117,8 @@ def add_adapters(model, config: PeftOptions, seed: int):
         return _fixed_directions(config.wrap(model, seed), seed)
     if config.peft == "scales":
         return train_scales(model)
+    if config.peft == "head":
+        return train_head(model)
     return _add_prefix(model, config.prefix_tokens, seed)
 
 
@@ -122,6 +128,19 @@ def train_scales(model):
         param.requires_grad_(name.endswith(".scales"))
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError("--peft scales found no quantized layer in the model: add --quantize int8 or int4")
+    return model
+
+
+def train_head(model):
+    """``model`` with its candidate head (made by ``zotune.recipe.evaluation.load_base``), and nothing else,
+    trainable."""
+    head = find_head(model)
+    if head is None:
+        raise UserError("--peft head found no candidate head on the model: build the run's model with "
+                        "zotune.recipe.evaluation.load_base, which adds it for the task's candidate words")
+    mine = {id(p) for p in head.own_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in mine)
     return model
 
 
@@ -260,6 +279,8 @@ def save_result(folder, model, tokenizer, config) -> None:
         save_model(folder / "model", model, tokenizer)
     elif config.peft == "scales":
         save_scales(folder / "scales", model)
+    elif config.peft == "head":
+        save_head(folder / "head", model)
     else:
         model.save_pretrained(folder / "adapter")
 
@@ -294,3 +315,36 @@ def load_scales(folder, model) -> None:
             raise UserError(f"{path}: {name} does not fit this model (another --quantize or --group-size?)")
         with torch.no_grad():
             params[name].copy_(value)
+
+
+HEAD_FILE = "head.safetensors"
+
+
+def save_head(folder, model) -> None:
+    """The candidate head: Δ, b, the tokens they correct and the feature scale they read with (measured again when
+    a head is made, but loaded with Δ: another device may measure it a rounding apart)."""
+    from safetensors.torch import save_file
+
+    head = find_head(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"delta": head.delta.detach().contiguous(), "bias": head.bias.detach().contiguous(),
+               "token_ids": head.token_ids.cpu(), "scale": head.scale.detach().contiguous()}, str(folder / HEAD_FILE))
+
+
+def load_head(folder, model) -> None:
+    """Copies a saved candidate head into ``model``'s (made for the same task and model)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path, head = folder / HEAD_FILE, find_head(model)
+    try:
+        saved = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"could not read {path} ({reason(error)}): restore it from a copy of the run folder") from None
+    if head is None or set(saved) != {"delta", "bias", "token_ids", "scale"} \
+            or not torch.equal(saved["token_ids"], head.token_ids.cpu()) or saved["delta"].shape != head.delta.shape:
+        raise UserError(f"{path} does not fit this model and task (another --model, --task or --candidates?)")
+    with torch.no_grad():
+        head.delta.copy_(saved["delta"])
+        head.bias.copy_(saved["bias"])
+        head.scale.copy_(saved["scale"])

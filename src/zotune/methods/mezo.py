@@ -158,6 +158,8 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.shard and (self.offload != "none" or self.peft != "none" or self.direction in ("lowrank", "sparse")):
             raise UserError("--shard works with full-parameter zeroth order and dense directions: leave out --offload, "
                             "--peft and --direction lowrank or sparse")
+        if self.peft == "head" and self.stacked:
+            raise UserError("--peft head: a step's points already share one forward of the batch; drop --stacked")
         if not 0 <= self.momentum < 1:
             raise UserError(f"--momentum must be in [0, 1), got {self.momentum}")
         check_positive(self, "momentum_window")

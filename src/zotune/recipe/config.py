@@ -138,6 +138,9 @@ class TrainConfig:
         if self.keep_quantized and not self.model.lower().endswith(".gguf"):
             raise UserError(f"--keep-quantized keeps a GGUF file's quantized blocks; {self.model} is not a .gguf "
                             "file: use --quantize int8 or int4")
+        if peft == "head" and self.method != "mezo":
+            raise UserError(f"--peft head trains with --method mezo; {self.method} splits or adapts the whole model: "
+                            "use --method mezo --peft head")
         if peft == "scales" and self.method not in ("mezo", "hzo"):
             raise UserError(f"--peft scales trains with --method mezo or hzo; {self.method} on a quantized base is "
                             "not built yet")
@@ -148,7 +151,7 @@ class TrainConfig:
     def check_trainable(self) -> None:
         """What a training run (not an evaluation) of this config needs."""
         trains_on_top = self.method in ("lora-ft", "lmao") or getattr(self.options, "peft", "none") in (
-            "scales", "lora", "lowrank")
+            "scales", "lora", "lowrank", "head")
         if self.quantized and not trains_on_top:
             option = f"--quantize {self.quantize}" if self.quantize != "none" else "--keep-quantized"
             raise UserError(f"{option} keeps the base weights frozen in 8 or 4 bits: train their scales (--peft "

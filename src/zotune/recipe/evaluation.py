@@ -12,23 +12,28 @@ from zotune import tasks
 from zotune.recipe.config import TrainConfig, from_mapping, load_run
 from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
-from zotune.methods.adapters import SCALES_FILE, load_scales, quiet_prefix_forward, save_scales
+from zotune.core.head import add_head
+from zotune.methods.adapters import (HEAD_FILE, SCALES_FILE, load_head, load_scales, quiet_prefix_forward, save_head,
+                                     save_scales)
 from zotune.tasks.objectives import evaluate
-from zotune.tasks.scoring import Scorer
+from zotune.tasks.scoring import Scorer, continuation_ids
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft saves, newer and older
 
 
-def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0, scales: Path | None = None) -> dict:
-    """The task's metric for ``config.model`` (plus an optional peft adapter, or trained scales of its quantized
-    matrices) on the test sample of a run with this config; with ``icl`` K, each prompt follows K demonstrations
-    drawn from that run's training sample."""
-    model, tokenizer, kind = load_base(config)
+def evaluate_model(config: TrainConfig, adapter: str | None = None, icl: int = 0, scales: Path | None = None,
+                   head: Path | None = None) -> dict:
+    """The task's metric for ``config.model`` (plus an optional peft adapter, trained scales of its quantized
+    matrices, or a trained candidate head) on the test sample of a run with this config; with ``icl`` K, each
+    prompt follows K demonstrations drawn from that run's training sample."""
+    task = tasks.build_task(config)
+    model, tokenizer, kind = load_base(config, task=task)
     if scales is not None:
         load_scales(scales, model)
+    if head is not None:
+        load_head(head, model)
     if adapter:
         model = _with_adapter(model, adapter)
-    task = tasks.build_task(config)
     split = tasks.sample(task, config.n_train, config.n_dev, config.n_test, config.seed)
     if icl:
         if icl < 0 or icl > len(split.train):
@@ -49,6 +54,8 @@ def evaluate_run(run_dir: str, progress: bool = True) -> dict:
         config.model = str(folder / "model")
         return evaluate_model(config)
     scales = folder / "scales" if (folder / "scales").is_dir() else None  # a quantized base's trained tensors
+    if (folder / "head").is_dir():
+        return evaluate_model(config, head=folder / "head")
     if (folder / "adapter").is_dir():
         return evaluate_model(config, adapter=str(folder / "adapter"), scales=scales)
     if scales is not None:
@@ -84,6 +91,10 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
         raise UserError(f"{trajectory} does not fit the model {config.model} ({models.reason(error)}): check the "
                         "model in config.yaml, or restore the run folder from a copy") from None
     target = Path(output) if output else folder / "replayed"
+    if (folder / "head").is_dir():
+        save_head(target, model)
+        return (f"replayed {trajectory} onto {config.model}: the candidate head saved to {target}"
+                + _compare_files(target / HEAD_FILE, folder / "head" / HEAD_FILE, "head", ""))
     if (folder / "scales").is_dir():  # a quantized base: the trained scales are the result
         save_scales(target, model)
         return (f"replayed {trajectory} onto {config.model} ({config.quantize}): the scales saved to {target}"
@@ -109,14 +120,28 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
     return message
 
 
-def load_base(config: TrainConfig, device: str | None = None):
-    """The run's initial model (quantized as --quantize asks, but for what its method keeps in float), tokenizer
-    and kind."""
+def load_base(config: TrainConfig, device: str | None = None, task=None):
+    """The run's initial model (quantized as --quantize asks, but for what its method keeps in float; with --peft
+    head, with a zero candidate head on ``task``'s words, default the config's task), tokenizer and kind."""
     method = methods.get(config.method).method
-    return models.load(config.model, config.dtype, config.model_kind, device=device, quantize=config.quantize,
-                       group_size=config.group_size, keep_float=lambda model: method.float_modules(model,
-                                                                                                   config.options),
-                       keep_quantized=config.keep_quantized)
+    model, tokenizer, kind = models.load(
+        config.model, config.dtype, config.model_kind, device=device, quantize=config.quantize,
+        group_size=config.group_size, keep_float=lambda model: method.float_modules(model, config.options),
+        keep_quantized=config.keep_quantized)
+    if getattr(config.options, "peft", None) == "head":
+        add_candidate_head(model, tokenizer, task if task is not None else tasks.build_task(config))
+    return model, tokenizer, kind
+
+
+def add_candidate_head(model, tokenizer, task) -> None:
+    if not task.candidates:
+        raise UserError(f"--peft head corrects the output layer on the task's candidate words; {task.name} has none "
+                        f"(a {task.format.replace('_', ' ')} task): use --peft lora or prefix")
+    token_ids = [t for word in task.candidates for t in continuation_ids(tokenizer, word, task.separator)]
+    try:
+        add_head(model, token_ids)
+    except ValueError as error:
+        raise UserError(f"--peft head: {models.reason(error)}") from None
 
 
 def _compare_adapters(replayed: Path, exported: Path) -> str:

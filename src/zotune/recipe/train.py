@@ -113,7 +113,7 @@ class Run:
         # An offloaded model stays in host memory: the method moves what stays resident to the device. Processes
         # that share a GPU talk through gloo and compute on the CPU (FSDP2 cannot shard CUDA tensors over gloo).
         device = "cpu" if config.options.streams_blocks else (parallel.device.type if parallel is not None else None)
-        model, self.tokenizer, self.kind = load_base(config, device)
+        model, self.tokenizer, self.kind = load_base(config, device, self.task)
         # The method wraps the model if it needs to (LoRA): score what it trains.
         self.method = methods.build(config.method, model, config.options, seed=config.seed, steps=config.steps)
         self.model = self.method.model

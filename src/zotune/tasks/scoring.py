@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from zotune.core.head import find_head
 from zotune.engine.offload import device_of
 from zotune.errors import UserError
 
@@ -26,6 +27,11 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def continuation_ids(tokenizer, text: str, separator: str = " ") -> list[int]:
+    """The tokens of ``text`` as it follows a prompt (after ``separator``)."""
+    return tokenizer(separator + text, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class Pairs:
     """Rows of prompt + target tokens, left-padded, on the device: each row ends with its target."""
@@ -35,6 +41,7 @@ class Pairs:
     on_target: torch.Tensor  # [rows, longest] 1.0 on the target's tokens
     lengths: torch.Tensor  # [rows] target lengths, float
     longest: int
+    trunk: tuple | bool | None = None  # see Scorer._logits
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Scoring:
     columns: torch.Tensor | None = None  # next-token and masked: the candidates' first tokens
     position: torch.Tensor | None = None  # masked: each row's mask position
     table: torch.Tensor | None = None  # choices: [prompts, width] index into the flat scores (or the -inf slot)
+    trunk: tuple | bool | None = None  # see Scorer._logits
 
 
 class Scorer:
@@ -73,6 +81,7 @@ class Scorer:
         self.position_ids = _forward_accepts(model, "position_ids")
         self.use_cache = _forward_accepts(model, "use_cache")
         self.candidate_ids = [self._continuation(word) for word in candidates]
+        self.head = find_head(model)  # --peft head: its evaluations share the frozen trunk's forward
         self._columns: dict = {}  # device -> the candidates' first tokens there
         if not candidates:
             return
@@ -94,7 +103,7 @@ class Scorer:
                 raise UserError(f"masked LMs need single-token candidates; {long} are longer: pick other words")
 
     def _continuation(self, text: str) -> list[int]:
-        return self.tokenizer(self.separator + text, add_special_tokens=False)["input_ids"]
+        return continuation_ids(self.tokenizer, text, self.separator)
 
     @property
     def device(self) -> torch.device:
@@ -213,9 +222,9 @@ class Scorer:
             return padded[:, scoring.table].view(copies * scoring.prompts, -1)
         ids, attention = scoring.ids.repeat(copies, 1), scoring.attention.repeat(copies, 1)
         if scoring.mode == "next-token":
-            logits = self.model(**self._causal_inputs(ids, attention, keep=1)).logits[:, -1].float()
+            logits = self._logits(scoring, copies, self._causal_inputs(ids, attention, keep=1))[:, -1].float()
         else:
-            logits = self.model(input_ids=ids, attention_mask=attention).logits
+            logits = self._logits(scoring, copies, dict(input_ids=ids, attention_mask=attention))
             rows = torch.arange(ids.shape[0], device=logits.device)
             logits = logits[rows, scoring.position.repeat(copies)].float()
         return torch.log_softmax(logits, dim=-1)[:, scoring.columns]
@@ -239,10 +248,28 @@ class Scorer:
         """[copies * rows] mean log-likelihood of each row's target tokens after its prompt."""
         ids, attention = pairs.ids.repeat(copies, 1), pairs.attention.repeat(copies, 1)
         keep = pairs.longest + 1
-        logits = self.model(**self._causal_inputs(ids, attention, keep)).logits[:, -keep:].float()
+        logits = self._logits(pairs, copies, self._causal_inputs(ids, attention, keep))[:, -keep:].float()
         targets = ids[:, -pairs.longest:]
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (logp * pairs.on_target.repeat(copies, 1)).sum(1) / pairs.lengths.repeat(copies)
+
+    def _logits(self, prepared: Scoring | Pairs, copies: int, inputs: dict) -> torch.Tensor:
+        """The model's logits for ``inputs``, the forward of ``prepared`` (a minibatch). With a candidate head
+        (--peft head) and nothing else of the model training, the first call records what the head reads and
+        writes, and later calls for the same minibatch (a zeroth-order step's other points) correct that record
+        rather than run the model again. A model that changes its logits after the output layer (soft-capping)
+        fails the first call's check and runs every time."""
+        if self.head is None or copies != 1 or prepared.trunk is False:
+            return self.model(**inputs).logits
+        if prepared.trunk is not None:
+            return self.head(*prepared.trunk)
+        if not self.head.trunk_frozen(self.model):
+            return self.model(**inputs).logits
+        with self.head.capturing() as record:
+            logits = self.model(**inputs).logits
+        prepared.trunk = record[0] if len(record) == 1 and torch.equal(self.head(*record[0]), logits) \
+            else False
+        return logits
 
     def _causal_inputs(self, input_ids, attention, keep: int) -> dict:
         kwargs = dict(input_ids=input_ids, attention_mask=attention)

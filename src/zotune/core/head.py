@@ -1,0 +1,124 @@
+"""A trainable correction of a model's output layer on the few tokens a classification task scores.
+
+A task that chooses between candidate words (``great`` / ``terrible``) reads only their rows of the output layer.
+:class:`CandidateHead` wraps that layer and adds, on those tokens alone, ``hidden · Δᵀ + b``: Δ holds one row per
+token (as wide as the hidden state) and b one bias, both starting at zero, so the wrapped model starts as the
+model. Training Δ and b alone is a linear probe of the frozen model's last hidden state, written so that the
+model's own candidate scoring (and its mean log-likelihoods) stays the objective; on rt-sst2 a probe of the default
+model reaches 83–85 % where zero-shot is 47 % (BENCHMARKS.md).
+
+Δ reads the hidden state divided, feature by feature, by its RMS (``scale``): a few features of a trained model
+are a hundred times larger than the rest, and an isotropic random direction would move the logits almost only
+along them. The RMS is measured once, when the head is made, on the model reading random vocabulary tokens from a
+fixed seed: no data, no state to save, the same number in every process that rebuilds the run (replay, resume).
+On rt-sst2 it trains as fast as the RMS of the task's own features.
+
+Why it suits zeroth order: the trained tensor has a thousand elements, not a hundred million, so a random
+direction finds the gradient a thousand times more readily; and every evaluation of a step shares the frozen
+trunk. :meth:`capturing` records what the layer reads and writes during one forward, and the head called on that
+record gives the logits of any Δ and b, so a step pays one forward of its batch however many points it evaluates
+(``Scorer`` keeps the record of a minibatch while nothing outside the head trains).
+
+The layer stays in the model under its own name (``…lm_head.output``), so tied input embeddings stay tied and
+untouched: the candidate words read as before when they occur in a prompt.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zotune.core.quant import replace_module
+from zotune.core.rng import hash64
+
+
+class CandidateHead(nn.Module):
+    def __init__(self, output: nn.Module, token_ids: list[int], hidden_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.output = output
+        self.register_buffer("token_ids", torch.tensor(sorted(set(token_ids)), device=device), persistent=False)
+        self.delta = nn.Parameter(torch.zeros(len(self.token_ids), hidden_size, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(len(self.token_ids), dtype=dtype, device=device))
+        self.register_buffer("scale", torch.ones(hidden_size, dtype=dtype, device=device), persistent=False)
+        self._record: list | None = None
+
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The corrected logits of ``hidden``; with ``logits`` (the wrapped layer's for ``hidden``, recorded by
+        :meth:`capturing`), without running that layer again. Called as a module either way, so that a
+        zeroth-order perturbation of Δ and b, substituted while their module runs, is seen."""
+        if logits is None:
+            logits = self.output(hidden)
+            if self._record is not None:
+                self._record.append((hidden.detach(), logits.detach()))
+        return self.adjust(hidden, logits)
+
+    def adjust(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``logits``, the wrapped layer's for ``hidden``, with this head's correction."""
+        correction = F.linear(hidden.to(self.delta.dtype) / self.scale, self.delta, self.bias).to(logits.dtype)
+        return logits.index_add(-1, self.token_ids, correction)
+
+    @contextmanager
+    def capturing(self):
+        """Records the (hidden, logits) pairs of the wrapped layer's calls inside the block."""
+        self._record = []
+        try:
+            yield self._record
+        finally:
+            self._record = None
+
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Δ and b (not the wrapped layer's weights)."""
+        return [self.delta, self.bias]
+
+    def trunk_frozen(self, model: nn.Module) -> bool:
+        """Whether nothing of ``model`` but Δ and b trains: then one forward's record serves every evaluation of a
+        step."""
+        mine = {id(p) for p in self.own_parameters()}
+        return not any(p.requires_grad for p in model.parameters() if id(p) not in mine)
+
+
+SCALE_TOKENS = (8, 32)  # random sequences x tokens whose hidden states measure the features' RMS
+
+
+def add_head(model: nn.Module, token_ids: list[int]) -> CandidateHead:
+    """Wraps ``model``'s output layer in place with a zero :class:`CandidateHead` on ``token_ids`` and measures its
+    feature scale; returns it."""
+    output = model.get_output_embeddings()
+    hidden_size = getattr(output, "in_features", None)
+    if hidden_size is None:
+        raise ValueError(f"{type(model).__name__} has no linear output layer to correct")
+    name = next(name for name, module in model.named_modules() if module is output)
+    quantized = getattr(output, "quantized", None)  # zotune's quantized layer computes in its compute_dtype
+    if quantized is not None:
+        dtype, device = quantized.compute_dtype, quantized.codes.device
+    else:
+        dtype, device = output.weight.dtype, output.weight.device
+    head = CandidateHead(output, token_ids, hidden_size, dtype, device)
+    replace_module(model, name, head)
+    head.scale.copy_(_feature_rms(model, head))
+    return head
+
+
+@torch.no_grad()
+def _feature_rms(model: nn.Module, head: CandidateHead) -> torch.Tensor:
+    vocabulary = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(hash64("zotune-head-scale") >> 1)
+    tokens = torch.randint(0, vocabulary, SCALE_TOKENS, generator=generator).to(head.token_ids.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with head.capturing() as record:
+            model(input_ids=tokens)
+    finally:
+        model.train(was_training)
+    hidden = torch.cat([h.reshape(-1, h.shape[-1]).float() for h, _ in record])
+    rms = hidden.pow(2).mean(0).sqrt()
+    return rms.clamp_min(rms.mean() * 1e-3)  # a feature that never moves would divide by zero
+
+
+def find_head(model: nn.Module) -> CandidateHead | None:
+    return next((module for module in model.modules() if isinstance(module, CandidateHead)), None)

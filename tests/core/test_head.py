@@ -1,0 +1,78 @@
+"""The candidate head: starts as the model, corrects only its tokens, reads features by their RMS, and a record of
+one forward gives the logits of any correction."""
+
+import pytest
+import torch
+
+from zotune.core.head import CandidateHead, add_head, find_head
+
+from ..conftest import VOCAB, tiny_model
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_a_new_head_changes_nothing_and_a_trained_one_only_its_tokens(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    head = add_head(model, [5, 9, 5])
+    assert find_head(model) is head and head.token_ids.tolist() == [5, 9]
+    assert torch.equal(model(input_ids=ids).logits, before)
+    with torch.no_grad():
+        head.delta.normal_(generator=torch.Generator().manual_seed(1))
+        head.bias.fill_(0.5)
+    after = model(input_ids=ids).logits
+    others = [t for t in range(VOCAB) if t not in (5, 9)]
+    assert torch.equal(after[..., others], before[..., others])
+    assert not torch.allclose(after[..., [5, 9]], before[..., [5, 9]])
+    # Tied input embeddings are untouched: the words read as before in a prompt.
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
+def test_the_feature_scale_is_the_rms_of_random_tokens_the_same_in_every_model_built_alike():
+    a, b = tiny_model("llama"), tiny_model("llama")
+    head_a, head_b = add_head(a, [3]), add_head(b, [3])
+    assert torch.equal(head_a.scale, head_b.scale)
+    assert head_a.scale.shape == (32,) and (head_a.scale > 0).all()
+    assert not torch.allclose(head_a.scale, torch.ones(32))
+    # The correction reads hidden / scale: a unit direction of delta moves each logit by the standardised feature.
+    hidden = torch.randn(2, 32)
+    with torch.no_grad():
+        head_a.delta.zero_()
+        head_a.delta[0, 4] = 1.0
+    logits = head_a.adjust(hidden, torch.zeros(2, VOCAB))
+    assert torch.allclose(logits[:, 3], hidden[:, 4] / head_a.scale[4])
+
+
+def test_a_recorded_forward_gives_the_logits_of_any_correction():
+    model = tiny_model("llama")
+    head = add_head(model, [1, 2])
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    with head.capturing() as record:
+        model(input_ids=ids)
+    assert len(record) == 1
+    with torch.no_grad():
+        head.delta.uniform_(-1, 1, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(head(*record[0]), model(input_ids=ids).logits)
+    assert head._record is None  # capturing ends with its block
+
+
+def test_trunk_frozen_sees_only_parameters_outside_delta_and_bias():
+    model = tiny_model("llama")
+    head = add_head(model, [1])
+    assert not head.trunk_frozen(model)  # a fresh model trains everything
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in head.own_parameters():
+        param.requires_grad_(True)
+    assert head.trunk_frozen(model)
+    model.get_output_embeddings().output.weight.requires_grad_(True)  # the wrapped layer is the trunk's
+    assert not head.trunk_frozen(model)
+
+
+def test_a_model_without_a_linear_output_layer_is_refused():
+    model = tiny_model("llama")
+    model.lm_head = torch.nn.Identity()
+    with pytest.raises(ValueError, match="no linear output layer"):
+        add_head(model, [1])
+    assert isinstance(add_head(tiny_model("gpt2"), [1]), CandidateHead)

@@ -50,8 +50,15 @@ def test_every_registered_method_and_variant_is_a_bench_row():
     from zotune import methods
     names = bench.all_methods()
     assert set(methods.names()) | {"forward", "mezo-reference", "mezo-rademacher", "mezo-lowrank", "mezo-offload",
-                                   "hzo-offload", "hzo-k3"} == set(names)
+                                   "mezo-head", "hzo-offload", "hzo-k3"} == set(names)
     assert names.index("mezo") < names.index("mezo-rademacher") < names.index("mezo-lowrank")
+
+
+def test_the_head_row_trains_the_head_alone_and_gives_the_next_row_the_model_it_had():
+    rows = bench.bench("llama-tiny", batch_size=2, length=4, dtype="fp32", device="cpu", repeats=1,
+                       methods=["mezo-head", "mezo"])
+    assert [r["method"] for r in rows] == ["mezo-head", "mezo"] and all(r["seconds"] > 0 for r in rows)
+    assert "kept features" in rows[0]["note"] and rows[1].get("error") is None
 
 
 def test_rademacher_variant_and_order_asked_for():

@@ -46,10 +46,13 @@ class CandidateHead(nn.Module):
         self.register_buffer("scale", torch.ones(hidden_size, dtype=dtype, device=device), persistent=False)
         self._record: list | None = None
 
-    def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, logits: torch.Tensor | None = None, compact: bool = False) -> torch.Tensor:
         """The corrected logits of ``hidden``; with ``logits`` (the wrapped layer's for ``hidden``, recorded by
-        :meth:`capturing`), without running that layer again. Called as a module either way, so that a
+        :meth:`capturing`), without running that layer again; with ``compact``, ``logits`` hold the head's tokens
+        alone (in ``token_ids``' order) and so does the result. Called as a module in every case, so that a
         zeroth-order perturbation of Δ and b, substituted while their module runs, is seen."""
+        if compact:
+            return logits + self.correction(hidden).to(logits.dtype)
         if logits is None:
             logits = self.output(hidden)
             if self._record is not None:
@@ -58,8 +61,11 @@ class CandidateHead(nn.Module):
 
     def adjust(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits``, the wrapped layer's for ``hidden``, with this head's correction."""
-        correction = F.linear(hidden.to(self.delta.dtype) / self.scale, self.delta, self.bias).to(logits.dtype)
-        return logits.index_add(-1, self.token_ids, correction)
+        return logits.index_add(-1, self.token_ids, self.correction(hidden).to(logits.dtype))
+
+    def correction(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Δ · (hidden / scale) + b: what the head adds to each of its tokens' logits."""
+        return F.linear(hidden.to(self.delta.dtype) / self.scale, self.delta, self.bias)
 
     @contextmanager
     def capturing(self):

@@ -145,6 +145,9 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     n_samples_final: int = option(0, "grow the directions per step linearly from --n-samples at the first step to "
                                   "this at the last (0: --n-samples throughout): fewer forwards while the steps are "
                                   "large, a lower-variance estimate when they get small")
+    head_cache: bool = option(True, "--peft head: read every training prompt once, before the first step, and keep "
+                              "what the head reads (a hidden state and a few logits per prompt, in host memory): "
+                              "the steps then run no forward at all; --no-head-cache: one forward a step")
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
                          "--checkpoint trajectory and dense directions")
 

@@ -27,6 +27,7 @@ from zotune import tasks
 from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
 from zotune.recipe.config import TrainConfig, from_mapping, load_run, upgrade
 from zotune.recipe.evaluation import load_base
+from zotune.tasks.features import HeadFeatures
 from zotune.core.rng import hash64
 from zotune.engine import distributed
 from zotune.errors import UserError
@@ -246,6 +247,7 @@ class Run:
             if config.zero_shot:
                 self.state["zero_shot"] = self.evaluate(self.split.test, "zero-shot test")["score"]
                 self.log({"step": 0, f"test_{self.metric}": self.state["zero_shot"]})
+        self._fill_head_features()
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
         try:
             self._loop()
@@ -253,6 +255,20 @@ class Run:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         return self.finish()
+
+    def _fill_head_features(self):
+        """--peft head: the frozen model reads the training prompts now, once (again after a resume: the same
+        numbers), and the steps reuse what it read. The time counts as training."""
+        options = self.config.options
+        if getattr(options, "peft", None) != "head" or not options.head_cache or self.state["step"] >= \
+                self.config.steps:
+            return
+        begin = time.perf_counter()
+        features = HeadFeatures(self.scorer, self.scorer.head)
+        if features.fill([self.task.prompt(e) for e in self.split.train], self.config.eval_batch_size,
+                         self.progress):
+            self.scorer.features = features
+        self.state["train_seconds"] += time.perf_counter() - begin
 
     def _request_stop(self, signum, frame):
         if self._stop:  # a second signal: the user (or the scheduler) wants out now

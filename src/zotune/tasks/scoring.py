@@ -58,6 +58,7 @@ class Scoring:
     position: torch.Tensor | None = None  # masked: each row's mask position
     table: torch.Tensor | None = None  # choices: [prompts, width] index into the flat scores (or the -inf slot)
     trunk: tuple | bool | None = None  # see Scorer._logits
+    texts: list[str] | None = None  # next-token and masked: the prompts (keys of Scorer.features)
 
 
 class Scorer:
@@ -82,6 +83,7 @@ class Scorer:
         self.use_cache = _forward_accepts(model, "use_cache")
         self.candidate_ids = [self._continuation(word) for word in candidates]
         self.head = find_head(model)  # --peft head: its evaluations share the frozen trunk's forward
+        self.features = None  # --peft head: a tasks.features.HeadFeatures of the training prompts, if filled
         self._columns: dict = {}  # device -> the candidates' first tokens there
         if not candidates:
             return
@@ -175,12 +177,12 @@ class Scorer:
             # The mask we appended is the last one in each row.
             position = ((ids == self.tokenizer.mask_token_id) * torch.arange(ids.shape[1])).argmax(1)
             return Scoring("masked", len(prompts), to_device(ids, device), to_device(attention, device),
-                           columns=self._first_tokens(device), position=to_device(position, device))
+                           columns=self._first_tokens(device), position=to_device(position, device), texts=prompts)
         n_cand, longest = len(self.candidate_ids), max(len(ids) for ids in self.candidate_ids)
         if longest == 1:  # one forward per prompt scores every single-token candidate at once
             ids, attention = self._pad([self._prompt_ids(p, self.max_length - 1) for p in prompts], left=True)
             return Scoring("next-token", len(prompts), to_device(ids, device), to_device(attention, device),
-                           columns=self._first_tokens(device))
+                           columns=self._first_tokens(device), texts=prompts)
         prompt_rows = [self._prompt_ids(p, self.max_length - longest) for p in prompts for _ in range(n_cand)]
         return Scoring("pairs", len(prompts), pairs=self._pairs(prompt_rows, self.candidate_ids * len(prompts), device))
 
@@ -220,6 +222,9 @@ class Scorer:
                 return flat.view(copies * scoring.prompts, -1)
             padded = torch.cat([flat.view(copies, -1), flat.new_full((copies, 1), float("-inf"))], 1)
             return padded[:, scoring.table].view(copies * scoring.prompts, -1)
+        if self.features is not None and copies == 1 and self.features.covers(scoring.texts) \
+                and self.head.trunk_frozen(self.model):
+            return self.features.scores(scoring.texts, scoring.columns)
         ids, attention = scoring.ids.repeat(copies, 1), scoring.attention.repeat(copies, 1)
         if scoring.mode == "next-token":
             logits = self._logits(scoring, copies, self._causal_inputs(ids, attention, keep=1))[:, -1].float()

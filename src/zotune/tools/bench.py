@@ -17,6 +17,7 @@ from zotune import methods as registry
 from zotune.errors import UserError, reason
 from zotune.assets.models import DTYPES
 from zotune.core.quant import quantize_model, quantized_weights
+from zotune.tools.bench_head import HEAD, head_step
 
 # Bench-only rows besides the registered methods: a baseline and the research code's MeZO step.
 FORWARD, REFERENCE = "forward", "mezo-reference"
@@ -63,6 +64,7 @@ def all_methods() -> list[str]:
     names = [FORWARD]
     for name in registry.names():
         names += [name, *(v for v, (base, _) in VARIANTS.items() if base == name)]
+        names += [HEAD] if name == "mezo" else []
     return [*names, REFERENCE]
 
 
@@ -205,7 +207,8 @@ def _bench_model(model, model_name, config, batch_size, length, dtype, device, h
             allocated = host_allocated_bytes()
             meter.host_baseline = None if allocated is None else allocated - model_bytes
         try:
-            result = _run_method(method, model, loss, meter, home)
+            result = head_step(model, ids, meter, BENCH_LR) if method == HEAD else \
+                _run_method(method, model, loss, meter, home)
         except torch.OutOfMemoryError:
             result = {"seconds": None, "peak_gib": None, "error": OUT_OF_MEMORY}
         except UserError:

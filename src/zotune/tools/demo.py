@@ -16,16 +16,18 @@ from zotune.recipe.train import train
 # HZO, 3 first-order blocks: 84.7 % after 120 steps of 8 (BENCHMARKS.md, "HZO against LoRA-FT").
 DEMO = dict(model="smollm2", task="rt-sst2", method="hzo", steps=120, batch_size=8, lr_fo=1e-3, deep_blocks=3,
             n_train=1000, n_dev=0, n_test=300, eval_batch_size=32, output="runs/demo", overwrite=True)
-# The forward-only row's accuracies: benchmarks/convergence.py's committed results (a repository checkout has
-# them), for its curve of the MeZO settings below.
+# The forward-only rows' accuracies: benchmarks/convergence.py's committed results (a repository checkout has
+# them), for its curves of the settings below.
 CONVERGENCE = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "convergence.json"
-MEZO_CURVE = "mezo,eps=1e-3,lr_zo=1e-4"
+CURVES = {"mezo": "mezo,eps=1e-3,lr_zo=1e-4", "mezo-head": "mezo-head,eps=1e-2,lr_zo=3e-3"}
 # bench row -> (memory row, the method's settings, test accuracy on rt-sst2: after 120 steps of 8 from
-# benchmarks/hzo_vs_lora.sh and compare_methods.sh, BENCHMARKS.md, 2026-11-26; MeZO's from the convergence
-# benchmark, whose budgets are larger)
+# benchmarks/hzo_vs_lora.sh and compare_methods.sh, BENCHMARKS.md, 2026-11-26; the forward-only rows' (None)
+# from the convergence benchmark, whose budgets are larger). mezo-head: its step reads kept features, and the
+# run reads each training prompt once, at inference's peak.
 SIDE_BY_SIDE = {
     "forward": ("inference", "two forwards, no training", "47.0 % (zero-shot)"),
     "mezo": ("mezo", "--lr-zo 1e-4 --eps 1e-3", None),
+    "mezo-head": ("inference", "--preset mezo-head", None),
     "lora-ft": ("lora-ft", "--lr-fo 5e-4", "86.0 %"),
     "lmao": ("lmao", "--lr-fo 5e-4 --lr-zo 1e-6", "86.3 %"),
     "hzo-k3": ("hzo", "--lr-fo 1e-3 --deep-blocks 3", "84.7 %"),
@@ -62,7 +64,7 @@ def side_by_side(model: str = "smollm2") -> str:
     for name, (row, settings, accuracy) in SIDE_BY_SIDE.items():
         seconds, peak = rows[name]["seconds"], rows[name]["peak_gib"]
         here = "" if peak is None else f"{peak:.2f}"
-        accuracy = accuracy or measured_curve(MEZO_CURVE)
+        accuracy = accuracy or measured_curve(CURVES[name])
         lines.append(f"| {name} | {settings} | {seconds:.2f} | {seconds / forward:.2f} | {here} | "
                      f"{peaks[row] / 2**30:.2f} | {accuracy} |")
     return "\n".join(lines)

@@ -6,6 +6,18 @@
 set -e
 run="${PYTHON:-.venv/bin/python} benchmarks/convergence.py run"
 $run lora-ft --budgets 500,1000,2000,4000
+# The adopted recipe (--preset mezo-head): minutes a curve, since the steps read kept features. Then the second task:
+# the same recipe unchanged against plain MeZO at the rate searched on rt-sst2, and FZOO, the other leaders.
+for seed in 0 1; do
+    $run mezo-head --seed $seed --set lr_zo=3e-3 eps=1e-2
+    $run mezo-head --task rt-subj --seed $seed --set lr_zo=3e-3 eps=1e-2
+done
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 --budgets 1000,2000,4000,8000,16000,32000,64000
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 lr_schedule=linear
+for seed in 0 1; do
+    $run mezo --task rt-subj --seed $seed --set lr_zo=1e-4 eps=1e-3
+    $run fzoo --task rt-subj --seed $seed --set lr_zo=3e-6 eps=1e-3
+done
 for seed in 0 1; do
     $run fzoo --seed $seed --set lr_zo=3e-6 eps=1e-3                # the 4,000 grid's leader
     $run mezo --seed $seed --set lr_zo=1e-4 eps=1e-3              # plain MeZO at its best rate at 4,000

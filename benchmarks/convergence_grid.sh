@@ -13,4 +13,5 @@ $grid mezo-lora --lr-zo 3e-4,1e-3,3e-3,1e-2 --eps 1e-2
 $grid mezo-momentum --lr-zo 1e-5,3e-5 --eps 1e-3
 $grid fzoo --lr-zo 1e-6,3e-6,1e-5 --eps 1e-3
 $grid mezo-normalized --lr-zo 1e-3,3e-3 --eps 1e-3
+$grid mezo-head --lr-zo 1e-3,3e-3,1e-2 --eps 1e-2  # the head: 64 directions a step on kept features
 # mezo-nschedule and mezo-linear are still plain MeZO at 4,000: judged on their full curves only

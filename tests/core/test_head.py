@@ -76,3 +76,30 @@ def test_a_model_without_a_linear_output_layer_is_refused():
     with pytest.raises(ValueError, match="no linear output layer"):
         add_head(model, [1])
     assert isinstance(add_head(tiny_model("gpt2"), [1]), CandidateHead)
+
+
+def test_a_head_on_a_block_reads_that_block_at_the_positions_the_output_layer_reads():
+    model = tiny_model("llama")
+    block = model.model.layers[0]
+    outputs = []
+    block.register_forward_hook(lambda module, args, output: outputs.append(output[0] if isinstance(output, tuple)
+                                                                            else output))
+    head = add_head(model, [4], source=block)
+    outputs.clear()
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        head.delta.normal_(generator=torch.Generator().manual_seed(6))
+    with head.capturing() as record:
+        logits = model(input_ids=ids, logits_to_keep=1).logits
+    read = outputs[0][:, -1:]
+    assert torch.equal(record[0][0], read)
+    assert torch.allclose(logits[..., 4], record[0][1][..., 4] + head.correction(read)[..., 0])
+    assert torch.equal(head(*record[0]), logits)
+
+
+def test_a_block_of_another_width_is_refused_and_the_model_left_as_it_was():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="64 wide, the output layer reads 32"):
+        add_head(model, [1], source=model.model.layers[0].mlp.gate_proj)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert not model.model.layers[0].mlp.gate_proj._forward_hooks

@@ -79,3 +79,18 @@ def test_a_task_without_candidate_words_is_refused_before_training(tiny_model_di
     values.update(task="arith", data=None, template=None, candidates=None)
     with pytest.raises(UserError, match="has none .a generation task.: use --peft lora or prefix"):
         Run(cfg.from_mapping(values), False)
+
+
+def test_a_head_on_a_middle_block_trains_evaluates_and_replays(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = train(config(tiny_model_dir, out, peft="head", head_layer=1, n_samples=2, eval_every=0, steps=3,
+                          lr_zo=1e-1))
+    capsys.readouterr()
+    assert cli.main(["eval", "--run", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == result["test_accuracy"]
+    assert cli.main(["replay", "--run", str(out)]) == 0
+    assert "bit-identical to the run's head" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--head-layer 3: LlamaForCausalLM has 2 blocks; choose 1 to 2"):
+        Run(config(tiny_model_dir, tmp_path / "bad", peft="head", head_layer=3), False)
+    with pytest.raises(UserError, match="--head-layer chooses what the candidate head reads: add --peft head"):
+        cfg.from_mapping({"head_layer": 2})

@@ -37,9 +37,14 @@ from zotune.core.rng import hash64
 
 class CandidateHead(nn.Module):
     def __init__(self, output: nn.Module, token_ids: list[int], hidden_size: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, source: nn.Module | None = None):
         super().__init__()
         self.output = output
+        # With a source (a block of the model), Δ reads that block's output at the positions the output layer
+        # reads, instead of the output layer's input: a probe of a middle layer. A hook, not a submodule: the block
+        # belongs to the model.
+        self._source_output: torch.Tensor | None = None
+        self._source_hook = None if source is None else source.register_forward_hook(self._keep_source)
         self.register_buffer("token_ids", torch.tensor(sorted(set(token_ids)), device=device), persistent=False)
         self.delta = nn.Parameter(torch.zeros(len(self.token_ids), hidden_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(len(self.token_ids), dtype=dtype, device=device))
@@ -55,9 +60,14 @@ class CandidateHead(nn.Module):
             return logits + self.correction(hidden).to(logits.dtype)
         if logits is None:
             logits = self.output(hidden)
+            if self._source_hook is not None:
+                hidden, self._source_output = self._source_output[..., -hidden.shape[-2]:, :], None
             if self._record is not None:
                 self._record.append((hidden.detach(), logits.detach()))
         return self.adjust(hidden, logits)
+
+    def _keep_source(self, module, args, output):
+        self._source_output = output[0] if isinstance(output, tuple) else output
 
     def adjust(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits``, the wrapped layer's for ``hidden``, with this head's correction."""
@@ -90,9 +100,9 @@ class CandidateHead(nn.Module):
 SCALE_TOKENS = (8, 32)  # random sequences x tokens whose hidden states measure the features' RMS
 
 
-def add_head(model: nn.Module, token_ids: list[int]) -> CandidateHead:
-    """Wraps ``model``'s output layer in place with a zero :class:`CandidateHead` on ``token_ids`` and measures its
-    feature scale; returns it."""
+def add_head(model: nn.Module, token_ids: list[int], source: nn.Module | None = None) -> CandidateHead:
+    """Wraps ``model``'s output layer in place with a zero :class:`CandidateHead` on ``token_ids`` (reading the
+    output of the block ``source`` if given) and measures its feature scale; returns it."""
     output = model.get_output_embeddings()
     hidden_size = getattr(output, "in_features", None)
     if hidden_size is None:
@@ -103,25 +113,37 @@ def add_head(model: nn.Module, token_ids: list[int]) -> CandidateHead:
         dtype, device = quantized.compute_dtype, quantized.codes.device
     else:
         dtype, device = output.weight.dtype, output.weight.device
-    head = CandidateHead(output, token_ids, hidden_size, dtype, device)
+    rms = _feature_rms(model, source, output)
+    if rms.shape[0] != hidden_size:
+        raise ValueError(f"the block's hidden state is {rms.shape[0]} wide, the output layer reads {hidden_size}: "
+                         "read the last layer")
+    head = CandidateHead(output, token_ids, hidden_size, dtype, device, source)
+    head.scale.copy_(rms)
     replace_module(model, name, head)
-    head.scale.copy_(_feature_rms(model, head))
     return head
 
 
 @torch.no_grad()
-def _feature_rms(model: nn.Module, head: CandidateHead) -> torch.Tensor:
+def _feature_rms(model: nn.Module, source: nn.Module | None, output: nn.Module) -> torch.Tensor:
+    """The RMS of each feature the head will read (``source``'s output, or ``output``'s input) while the model reads
+    random vocabulary tokens drawn from a fixed seed."""
+    seen = []
+    if source is None:
+        hook = output.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    else:
+        hook = source.register_forward_hook(lambda module, args, out: seen.append(out[0] if isinstance(out, tuple)
+                                                                                  else out))
     vocabulary = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(hash64("zotune-head-scale") >> 1)
-    tokens = torch.randint(0, vocabulary, SCALE_TOKENS, generator=generator).to(head.token_ids.device)
+    tokens = torch.randint(0, vocabulary, SCALE_TOKENS, generator=generator)
     was_training = model.training
     model.eval()
     try:
-        with head.capturing() as record:
-            model(input_ids=tokens)
+        model(input_ids=tokens.to(next(model.parameters()).device))
     finally:
+        hook.remove()
         model.train(was_training)
-    hidden = torch.cat([h.reshape(-1, h.shape[-1]).float() for h, _ in record])
+    hidden = torch.cat([h.reshape(-1, h.shape[-1]).float() for h in seen])
     rms = hidden.pow(2).mean(0).sqrt()
     return rms.clamp_min(rms.mean() * 1e-3)  # a feature that never moves would divide by zero
 

@@ -148,6 +148,8 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     head_cache: bool = option(True, "--peft head: read every training prompt once, before the first step, and keep "
                               "what the head reads (a hidden state and a few logits per prompt, in host memory): "
                               "the steps then run no forward at all; --no-head-cache: one forward a step")
+    head_layer: int = option(0, "--peft head: the block whose output the head reads (1 to the number of blocks; "
+                             "0: the last layer's normalised output, what the output layer reads)")
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
                          "--checkpoint trajectory and dense directions")
 
@@ -161,6 +163,8 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.shard and (self.offload != "none" or self.peft != "none" or self.direction in ("lowrank", "sparse")):
             raise UserError("--shard works with full-parameter zeroth order and dense directions: leave out --offload, "
                             "--peft and --direction lowrank or sparse")
+        if self.head_layer and self.peft != "head":
+            raise UserError("--head-layer chooses what the candidate head reads: add --peft head")
         if self.peft == "head" and self.stacked:
             raise UserError("--peft head: a step's points already share one forward of the batch; drop --stacked")
         if not 0 <= self.momentum < 1:
@@ -169,7 +173,7 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.momentum and self.direction == "lowrank":
             raise UserError("--momentum adds earlier directions again, and a low-rank one depends on the V of its "
                             "interval: use --direction gaussian, rademacher or sparse")
-        check_non_negative(self, "n_samples_final", "normalize_window")
+        check_non_negative(self, "n_samples_final", "normalize_window", "head_layer")
         least = estimator_of(self.estimator).min_samples
         if 0 < self.n_samples_final < least:
             raise UserError(f"--n-samples-final: --estimator {self.estimator} needs at least {least} directions a step")

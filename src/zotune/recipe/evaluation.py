@@ -13,6 +13,7 @@ from zotune.recipe.config import TrainConfig, from_mapping, load_run
 from zotune.core.trajectory import Trajectory
 from zotune.errors import UserError
 from zotune.core.head import add_head
+from zotune.engine.blocks import find_blocks
 from zotune.methods.adapters import (HEAD_FILE, SCALES_FILE, load_head, load_scales, quiet_prefix_forward, save_head,
                                      save_scales)
 from zotune.tasks.objectives import evaluate
@@ -129,17 +130,25 @@ def load_base(config: TrainConfig, device: str | None = None, task=None):
         group_size=config.group_size, keep_float=lambda model: method.float_modules(model, config.options),
         keep_quantized=config.keep_quantized)
     if getattr(config.options, "peft", None) == "head":
-        add_candidate_head(model, tokenizer, task if task is not None else tasks.build_task(config))
+        add_candidate_head(model, tokenizer, task if task is not None else tasks.build_task(config),
+                           config.options.head_layer, config.options.blocks)
     return model, tokenizer, kind
 
 
-def add_candidate_head(model, tokenizer, task) -> None:
+def add_candidate_head(model, tokenizer, task, layer: int = 0, blocks: str = "auto") -> None:
     if not task.candidates:
         raise UserError(f"--peft head corrects the output layer on the task's candidate words; {task.name} has none "
                         f"(a {task.format.replace('_', ' ')} task): use --peft lora or prefix")
     token_ids = [t for word in task.candidates for t in continuation_ids(tokenizer, word, task.separator)]
+    source = None
+    if layer:
+        found = find_blocks(model, blocks).blocks
+        if layer > len(found):
+            raise UserError(f"--head-layer {layer}: {type(model).__name__} has {len(found)} blocks; choose 1 to "
+                            f"{len(found)}, or 0 for the last layer")
+        source = found[layer - 1][1]
     try:
-        add_head(model, token_ids)
+        add_head(model, token_ids, source)
     except ValueError as error:
         raise UserError(f"--peft head: {models.reason(error)}") from None
 

@@ -14,6 +14,8 @@ for seed in 0 1; do
 done
 $run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 --budgets 1000,2000,4000,8000,16000,32000,64000
 $run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 lr_schedule=linear
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_layer=15      # probes of middle blocks (30 in all)
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_layer=21 --budgets 4000,8000,16000,32000,64000
 for seed in 0 1; do
     $run mezo --task rt-subj --seed $seed --set lr_zo=1e-4 eps=1e-3
     $run fzoo --task rt-subj --seed $seed --set lr_zo=3e-6 eps=1e-3

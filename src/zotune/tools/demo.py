@@ -27,7 +27,7 @@ CURVES = {"mezo": "mezo,eps=1e-3,lr_zo=1e-4", "mezo-head": "mezo-head,eps=1e-2,l
 SIDE_BY_SIDE = {
     "forward": ("inference", "two forwards, no training", "47.0 % (zero-shot)"),
     "mezo": ("mezo", "--lr-zo 1e-4 --eps 1e-3", None),
-    "mezo-head": ("inference", "--preset mezo-head", None),
+    "mezo-head": ("inference", "--preset mezo-head (its step reads kept features)", None),
     "lora-ft": ("lora-ft", "--lr-fo 5e-4", "86.0 %"),
     "lmao": ("lmao", "--lr-fo 5e-4 --lr-zo 1e-6", "86.3 %"),
     "hzo-k3": ("hzo", "--lr-fo 1e-3 --deep-blocks 3", "84.7 %"),

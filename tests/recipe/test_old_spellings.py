@@ -67,3 +67,18 @@ def test_a_run_folder_of_the_previous_format_resumes_evaluates_and_replays(tiny_
     assert cli.main(["eval", "--run", str(out), "--no-progress"]) == 0
     assert cli.main(["replay", "--run", str(out), "--output", str(tmp_path / "replayed")]) == 0
     assert "zotune: error" not in capsys.readouterr().err
+
+
+def test_a_format_8_mezo_run_without_the_head_options_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    stop_after(monkeypatch, {0})
+    with pytest.raises(Interrupted, match="--resume"):
+        train(config(tiny_model_dir, out, zero_shot=False, steps=2, eval_every=0))
+    values = yaml.safe_load((out / "config.yaml").read_text())
+    assert values.pop(cfg.FORMAT_KEY) == cfg.FORMAT
+    del values["head_cache"], values["head_layer"]  # newer than format 8
+    (out / "config.yaml").write_text(yaml.safe_dump({cfg.FORMAT_KEY: 8, **values}, sort_keys=False))
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "zotune: error" not in capsys.readouterr().err

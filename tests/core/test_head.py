@@ -4,7 +4,7 @@ one forward gives the logits of any correction."""
 import pytest
 import torch
 
-from zotune.core.head import CandidateHead, add_head, find_head
+from zotune.core.head import CandidateHead, add_head, find_head, remove_head
 
 from ..conftest import VOCAB, tiny_model
 
@@ -103,3 +103,11 @@ def test_a_block_of_another_width_is_refused_and_the_model_left_as_it_was():
         add_head(model, [1], source=model.model.layers[0].mlp.gate_proj)
     assert isinstance(model.lm_head, torch.nn.Linear)
     assert not model.model.layers[0].mlp.gate_proj._forward_hooks
+
+
+def test_remove_head_gives_the_model_its_output_layer_and_its_block_back():
+    model = tiny_model("llama")
+    output, block = model.lm_head, model.model.layers[0]
+    add_head(model, [1], source=block)
+    remove_head(model)
+    assert model.lm_head is output and find_head(model) is None and not block._forward_hooks

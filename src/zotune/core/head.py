@@ -67,7 +67,7 @@ class CandidateHead(nn.Module):
         return self.adjust(hidden, logits)
 
     def _keep_source(self, module, args, output):
-        self._source_output = output[0] if isinstance(output, tuple) else output
+        self._source_output = _block_output(output)
 
     def adjust(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``logits``, the wrapped layer's for ``hidden``, with this head's correction."""
@@ -131,8 +131,7 @@ def _feature_rms(model: nn.Module, source: nn.Module | None, output: nn.Module) 
     if source is None:
         hook = output.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     else:
-        hook = source.register_forward_hook(lambda module, args, out: seen.append(out[0] if isinstance(out, tuple)
-                                                                                  else out))
+        hook = source.register_forward_hook(lambda module, args, out: seen.append(_block_output(out)))
     vocabulary = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(hash64("zotune-head-scale") >> 1)
     tokens = torch.randint(0, vocabulary, SCALE_TOKENS, generator=generator)
@@ -148,5 +147,18 @@ def _feature_rms(model: nn.Module, source: nn.Module | None, output: nn.Module) 
     return rms.clamp_min(rms.mean() * 1e-3)  # a feature that never moves would divide by zero
 
 
+def _block_output(output):
+    """A block's hidden state (transformers blocks return it alone or first in a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def find_head(model: nn.Module) -> CandidateHead | None:
     return next((module for module in model.modules() if isinstance(module, CandidateHead)), None)
+
+
+def remove_head(model: nn.Module) -> None:
+    """Puts ``model``'s output layer back in place of its candidate head."""
+    name, head = next((name, m) for name, m in model.named_modules() if isinstance(m, CandidateHead))
+    if head._source_hook is not None:
+        head._source_hook.remove()
+    replace_module(model, name, head.output)

@@ -32,29 +32,20 @@ class HeadFeatures:
     @torch.no_grad()
     def fill(self, prompts: list[str], batch_size: int, progress: bool = True) -> bool:
         """Reads ``prompts`` once; False (and nothing kept) when the task's scoring reads the head elsewhere than
-        one position per prompt, or the model changes its logits after the output layer."""
-        scorer, head = self.scorer, self.head
+        one position per prompt, or the scorer keeps no record of a forward (``Scorer.record``)."""
         unique = list(dict.fromkeys(prompts))
         for start in tqdm(range(0, len(unique), batch_size), desc="features", disable=not progress, leave=False):
             chunk = unique[start:start + batch_size]
-            scoring = scorer.prepare(chunk)
-            if scoring.mode not in CACHED_MODES:
+            scoring = self.scorer.prepare(chunk)
+            record = self.scorer.record(scoring) if scoring.mode in CACHED_MODES else None
+            if record is None:
                 self.rows.clear()
                 return False
-            if scoring.mode == "next-token":
-                inputs = scorer._causal_inputs(scoring.ids, scoring.attention, keep=1)
-            else:
-                inputs = dict(input_ids=scoring.ids, attention_mask=scoring.attention)
-            with head.capturing() as record:
-                logits = scorer.model(**inputs).logits
-            if len(record) != 1 or not torch.equal(head(*record[0]), logits):
-                self.rows.clear()
-                return False
-            hidden, base = record[0]
+            hidden, base = record
             rows = torch.arange(len(chunk), device=hidden.device)
             at = torch.full_like(rows, hidden.shape[1] - 1) if scoring.mode == "next-token" else scoring.position
             hidden, base = hidden[rows, at], base[rows, at].double()
-            kept = base[:, head.token_ids]
+            kept = base[:, self.head.token_ids]
             lse = torch.logsumexp(base, dim=-1)
             for i, prompt in enumerate(chunk):
                 self.rows[prompt] = (hidden[i].cpu(), kept[i].cpu(), lse[i].cpu())

@@ -225,14 +225,26 @@ class Scorer:
         if self.features is not None and copies == 1 and self.features.covers(scoring.texts) \
                 and self.head.trunk_frozen(self.model):
             return self.features.scores(scoring.texts, scoring.columns)
-        ids, attention = scoring.ids.repeat(copies, 1), scoring.attention.repeat(copies, 1)
+        logits = self._logits(scoring, copies, self._one_position_inputs(scoring, copies))
         if scoring.mode == "next-token":
-            logits = self._logits(scoring, copies, self._causal_inputs(ids, attention, keep=1))[:, -1].float()
+            logits = logits[:, -1].float()
         else:
-            logits = self._logits(scoring, copies, dict(input_ids=ids, attention_mask=attention))
-            rows = torch.arange(ids.shape[0], device=logits.device)
+            rows = torch.arange(logits.shape[0], device=logits.device)
             logits = logits[rows, scoring.position.repeat(copies)].float()
         return torch.log_softmax(logits, dim=-1)[:, scoring.columns]
+
+    def record(self, scoring: Scoring) -> tuple | None:
+        """The candidate head's record of one forward of ``scoring`` (next-token or masked): what the head read and
+        the output layer's logits; None where :meth:`_logits` keeps no record (something besides the head trains,
+        or the model changes its logits after the output layer)."""
+        self._logits(scoring, 1, self._one_position_inputs(scoring, 1))
+        return scoring.trunk or None
+
+    def _one_position_inputs(self, scoring: Scoring, copies: int) -> dict:
+        ids, attention = scoring.ids.repeat(copies, 1), scoring.attention.repeat(copies, 1)
+        if scoring.mode == "next-token":
+            return self._causal_inputs(ids, attention, keep=1)
+        return dict(input_ids=ids, attention_mask=attention)
 
     def cross_entropy(self, scoring: Scoring, labels: torch.Tensor, copies: int | None = None) -> torch.Tensor:
         if copies is None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zotune.core.head import add_head
-from zotune.core.quant import replace_module
+from zotune.core.head import add_head, remove_head
 from zotune.methods.mezo import MeZOConfig, MeZOMethod
 
 HEAD = "mezo-head"
@@ -16,8 +15,6 @@ DIRECTIONS = 64  # the preset's
 
 
 def head_step(model, ids: torch.Tensor, meter, lr: float) -> dict:
-    output = model.get_output_embeddings()
-    name = next(name for name, module in model.named_modules() if module is output)
     head = add_head(model, [0, 1])  # two candidate words
     trainable = {id(p): p.requires_grad for p in model.parameters()}
     try:
@@ -36,6 +33,6 @@ def head_step(model, ids: torch.Tensor, meter, lr: float) -> dict:
         result["note"] = f"{DIRECTIONS} directions on kept features; the run reads each training prompt once"
         return result
     finally:
-        replace_module(model, name, output)
+        remove_head(model)
         for p in model.parameters():
             p.requires_grad_(trainable.get(id(p), True))

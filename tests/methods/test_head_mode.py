@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from zotune import cli
 from zotune.errors import UserError
 from zotune.recipe import config as cfg
+from zotune.core.head import feature_rms
 from zotune.recipe.train import Interrupted, Run, resume_config, train
+from zotune.tasks.features import HeadFeatures
 from zotune.tasks.objectives import loss_function
 
 from ..conftest import stop_after
@@ -64,11 +66,26 @@ def test_run_exports_the_head_evaluates_resumes_and_replays(tiny_model_dir, tmp_
     assert all(torch.equal(resumed[k], head[k]) for k in head)
 
 
+def test_the_head_measures_its_feature_scale_on_the_training_prompts(tiny_model_dir, tmp_path):
+    options = dict(peft="head", n_samples=2, eval_every=0, steps=2)
+    train(config(tiny_model_dir, tmp_path / "prompts", **options))
+    measured = load_file(tmp_path / "prompts" / "head" / "head.safetensors")["scale"]
+    run = Run(config(tiny_model_dir, tmp_path / "check", **options), False)
+    on_random_tokens = run.scorer.head.scale.clone()
+    features = HeadFeatures(run.scorer, run.scorer.head)
+    assert features.fill([run.task.prompt(e) for e in run.split.train], 5, progress=False)
+    assert torch.allclose(measured, feature_rms(features.hidden_states()), rtol=1e-5)
+    assert not torch.allclose(measured, on_random_tokens, rtol=1e-2)
+    train(config(tiny_model_dir, tmp_path / "random", head_scale="random", **options))
+    assert torch.equal(load_file(tmp_path / "random" / "head" / "head.safetensors")["scale"], on_random_tokens)
+
+
 def test_defaults_and_refusals_are_one_line():
     options = cfg.from_mapping({"peft": "head"}).options
     assert (options.lr_zo, options.eps) == (3e-3, 1e-2)
     for values, message in [({"peft": "head", "stacked": True}, "drop --stacked"),
-                            ({"method": "hzo", "peft": "head"}, "use --method mezo --peft head")]:
+                            ({"method": "hzo", "peft": "head"}, "use --method mezo --peft head"),
+                            ({"head_scale": "random"}, "--head-scale sets how the candidate head reads: add --peft")]:
         with pytest.raises(UserError, match=message) as error:
             cfg.from_mapping(values)
         assert len(str(error.value).splitlines()) == 1

@@ -3,11 +3,13 @@
 folders that use them still load; the command line and the Trainer point to the new names."""
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from zotune import cli, methods
 from zotune.recipe import config as cfg
-from zotune.recipe.train import Interrupted, train
+from zotune.recipe.train import Interrupted, Run, train
 
 from ..conftest import stop_after
 from ..test_cli import CSV_TASK
@@ -82,3 +84,20 @@ def test_a_format_8_mezo_run_without_the_head_options_resumes(tiny_model_dir, tm
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert "zotune: error" not in capsys.readouterr().err
+
+
+def test_a_format_9_head_run_resumes_with_the_scale_of_random_tokens(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    stop_after(monkeypatch, {0})
+    with pytest.raises(Interrupted, match="--resume"):
+        train(config(tiny_model_dir, out, zero_shot=False, steps=2, eval_every=0, peft="head", n_samples=2))
+    values = yaml.safe_load((out / "config.yaml").read_text())
+    assert values.pop(cfg.FORMAT_KEY) == cfg.FORMAT
+    assert values.pop("head_scale") == "prompts"  # newer than format 9, which measured on random tokens
+    (out / "config.yaml").write_text(yaml.safe_dump({cfg.FORMAT_KEY: 9, **values}, sort_keys=False))
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert "zotune: error" not in capsys.readouterr().err
+    fresh = Run(config(tiny_model_dir, tmp_path / "fresh", peft="head", head_scale="random"), False)
+    saved = load_file(out / "head" / "head.safetensors")["scale"]
+    assert torch.equal(saved, fresh.scorer.head.scale)

@@ -9,9 +9,10 @@ model reaches 83–85 % where zero-shot is 47 % (BENCHMARKS.md).
 
 Δ reads the hidden state divided, feature by feature, by its RMS (``scale``): a few features of a trained model
 are a hundred times larger than the rest, and an isotropic random direction would move the logits almost only
-along them. The RMS is measured once, when the head is made, on the model reading random vocabulary tokens from a
-fixed seed: no data, no state to save, the same number in every process that rebuilds the run (replay, resume).
-On rt-sst2 it trains as fast as the RMS of the task's own features.
+along them. When the head is made, the RMS is measured on the model reading random vocabulary tokens from a fixed
+seed (no data); a training run then measures it again with :meth:`CandidateHead.measure` on hidden states of its
+own prompts. The two differ most in middle blocks, where random tokens light up features that prompts leave
+small, and by random tokens' measure zeroth order there learns several times slower (BENCHMARKS.md).
 
 Why it suits zeroth order: the trained tensor has a thousand elements, not a hundred million, so a random
 direction finds the gradient a thousand times more readily; and every evaluation of a step shares the frozen
@@ -86,6 +87,12 @@ class CandidateHead(nn.Module):
         finally:
             self._record = None
 
+    @torch.no_grad()
+    def measure(self, hidden: torch.Tensor) -> None:
+        """Sets the feature scale to the RMS of ``hidden`` ([N, features]: what the head reads, one row per
+        position it scores)."""
+        self.scale.copy_(feature_rms(hidden))
+
     def own_parameters(self) -> list[nn.Parameter]:
         """Δ and b (not the wrapped layer's weights)."""
         return [self.delta, self.bias]
@@ -142,8 +149,11 @@ def _feature_rms(model: nn.Module, source: nn.Module | None, output: nn.Module) 
     finally:
         hook.remove()
         model.train(was_training)
-    hidden = torch.cat([h.reshape(-1, h.shape[-1]).float() for h in seen])
-    rms = hidden.pow(2).mean(0).sqrt()
+    return feature_rms(torch.cat([h.reshape(-1, h.shape[-1]) for h in seen]))
+
+
+def feature_rms(hidden: torch.Tensor) -> torch.Tensor:
+    rms = hidden.float().pow(2).mean(0).sqrt()
     return rms.clamp_min(rms.mean() * 1e-3)  # a feature that never moves would divide by zero
 
 

@@ -321,8 +321,8 @@ HEAD_FILE = "head.safetensors"
 
 
 def save_head(folder, model) -> None:
-    """The candidate head: Δ, b, the tokens they correct and the feature scale they read with (measured again when
-    a head is made, but loaded with Δ: another device may measure it a rounding apart)."""
+    """The candidate head: Δ, b, the tokens they correct and the feature scale they read with (measured on the
+    training prompts, which evaluation does not read; and another device may measure it a rounding apart)."""
     from safetensors.torch import save_file
 
     head = find_head(model)
@@ -331,8 +331,9 @@ def save_head(folder, model) -> None:
                "token_ids": head.token_ids.cpu(), "scale": head.scale.detach().contiguous()}, str(folder / HEAD_FILE))
 
 
-def load_head(folder, model) -> None:
-    """Copies a saved candidate head into ``model``'s (made for the same task and model)."""
+def load_head(folder, model, scale_only: bool = False) -> None:
+    """Copies a saved candidate head into ``model``'s (made for the same task and model); with ``scale_only``, the
+    feature scale it read with alone."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -345,6 +346,7 @@ def load_head(folder, model) -> None:
             or not torch.equal(saved["token_ids"], head.token_ids.cpu()) or saved["delta"].shape != head.delta.shape:
         raise UserError(f"{path} does not fit this model and task (another --model, --task or --candidates?)")
     with torch.no_grad():
-        head.delta.copy_(saved["delta"])
-        head.bias.copy_(saved["bias"])
         head.scale.copy_(saved["scale"])
+        if not scale_only:
+            head.delta.copy_(saved["delta"])
+            head.bias.copy_(saved["bias"])

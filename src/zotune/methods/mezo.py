@@ -150,6 +150,11 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
                               "the steps then run no forward at all; --no-head-cache: one forward a step")
     head_layer: int = option(0, "--peft head: the block whose output the head reads (1 to the number of blocks; "
                              "0: the last layer's normalised output, what the output layer reads)")
+    head_scale: str = option("prompts", "--peft head: where the head measures each feature's RMS, which its input is "
+                             "divided by so that a random direction moves every feature alike: 'prompts', the first "
+                             "512 training prompts, read before the first step; 'random', random tokens from a fixed "
+                             "seed (no data; what runs before zotune config format 10 used)",
+                             choices=("prompts", "random"))
     shard: bool = option(False, "with several processes (torchrun): each keeps 1/N of every weight (FSDP2); needs "
                          "--checkpoint trajectory and dense directions")
 
@@ -165,6 +170,8 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
                             "--peft and --direction lowrank or sparse")
         if self.head_layer and self.peft != "head":
             raise UserError("--head-layer chooses what the candidate head reads: add --peft head")
+        if self.head_scale != "prompts" and self.peft != "head":
+            raise UserError("--head-scale sets how the candidate head reads: add --peft head")
         if self.peft == "head" and self.stacked:
             raise UserError("--peft head: a step's points already share one forward of the batch; drop --stacked")
         if not 0 <= self.momentum < 1:

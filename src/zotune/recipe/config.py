@@ -32,8 +32,8 @@ FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
 # 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window;
 # 7: reward, temperature, digits, operations, countdown_numbers (objective "auto" is resolved before it is saved);
-# 8: quantize, group_size, keep_quantized; 9: head_cache, head_layer (--peft head).
-FORMAT = 9
+# 8: quantize, group_size, keep_quantized; 9: head_cache, head_layer (--peft head); 10: head_scale.
+FORMAT = 10
 
 
 @dataclass
@@ -298,6 +298,8 @@ def load_run(folder: Path) -> dict:
     if "distribution" in values and "stochastic_rounding" not in values:
         # Written before stochastic rounding existed: that run's bf16/fp16 updates rounded to nearest.
         values["stochastic_rounding"] = False
+    if values.get(FORMAT_KEY, FORMAT) < 10 and values.get("peft") == "head" and "head_scale" not in values:
+        values["head_scale"] = "random"  # before format 10 every head measured its scale on random tokens
     if values.get(FORMAT_KEY) == FORMAT:
         _check_complete(path, values)
     try:  # here, so that eval, replay and --resume name the file

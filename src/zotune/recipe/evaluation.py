@@ -92,7 +92,8 @@ def replay_run(run_dir: str, output: str | None = None) -> str:
         raise UserError(f"{trajectory} does not fit the model {config.model} ({models.reason(error)}): check the "
                         "model in config.yaml, or restore the run folder from a copy") from None
     target = Path(output) if output else folder / "replayed"
-    if (folder / "head").is_dir():
+    if (folder / "head").is_dir():  # the trajectory rebuilds Δ and b; the scale was measured, not trained
+        load_head(folder / "head", model, scale_only=True)
         save_head(target, model)
         return (f"replayed {trajectory} onto {config.model}: the candidate head saved to {target}"
                 + _compare_files(target / HEAD_FILE, folder / "head" / HEAD_FILE, "head", ""))

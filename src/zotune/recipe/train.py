@@ -27,7 +27,7 @@ from zotune import tasks
 from zotune.recipe.checkpoint import find_checkpoint, write_checkpoint
 from zotune.recipe.config import TrainConfig, from_mapping, load_run, upgrade
 from zotune.recipe.evaluation import load_base
-from zotune.tasks.features import HeadFeatures
+from zotune.tasks.features import SCALE_PROMPTS, HeadFeatures
 from zotune.core.rng import hash64
 from zotune.engine import distributed
 from zotune.errors import UserError
@@ -247,7 +247,7 @@ class Run:
             if config.zero_shot:
                 self.state["zero_shot"] = self.evaluate(self.split.test, "zero-shot test")["score"]
                 self.log({"step": 0, f"test_{self.metric}": self.state["zero_shot"]})
-        self._fill_head_features()
+        self._prepare_head()
         previous = {signum: signal.signal(signum, self._request_stop) for signum in STOP_SIGNALS}
         try:
             self._loop()
@@ -256,18 +256,27 @@ class Run:
                 signal.signal(signum, handler)
         return self.finish()
 
-    def _fill_head_features(self):
-        """--peft head: the frozen model reads the training prompts now, once (again after a resume: the same
-        numbers), and the steps reuse what it read. The time counts as training."""
+    def _prepare_head(self):
+        """--peft head: the frozen model reads the training prompts now, before the first step (again after a
+        resume: the same numbers). The head measures its feature scale on the first 512 of them, and with
+        --head-cache the steps reuse what it read of all of them. The time counts as training."""
         options = self.config.options
-        if getattr(options, "peft", None) != "head" or not options.head_cache or self.state["step"] >= \
-                self.config.steps:
+        if getattr(options, "peft", None) != "head":
+            return
+        measure = options.head_scale == "prompts"
+        keep = options.head_cache and self.state["step"] < self.config.steps
+        if not (measure or keep):
             return
         begin = time.perf_counter()
+        prompts = list(dict.fromkeys(self.task.prompt(e) for e in self.split.train))
         features = HeadFeatures(self.scorer, self.scorer.head)
-        if features.fill([self.task.prompt(e) for e in self.split.train], self.config.eval_batch_size,
-                         self.progress):
-            self.scorer.features = features
+        # A task whose scoring reads the head at several positions (multi-token candidates) keeps neither: its
+        # head keeps the scale it measured on random tokens, and its steps run a forward each.
+        if features.fill(prompts if keep else prompts[:SCALE_PROMPTS], self.config.eval_batch_size, self.progress):
+            if measure:
+                self.scorer.head.measure(features.hidden_states(SCALE_PROMPTS))
+            if keep:
+                self.scorer.features = features
         self.state["train_seconds"] += time.perf_counter() - begin
 
     def _request_stop(self, signum, frame):

@@ -22,6 +22,7 @@ from zotune.core.head import CandidateHead
 from zotune.tasks.scoring import Scorer, to_device
 
 CACHED_MODES = ("next-token", "masked")
+SCALE_PROMPTS = 512  # training prompts a head measures its feature scale on (--head-scale prompts)
 
 
 class HeadFeatures:
@@ -50,6 +51,10 @@ class HeadFeatures:
             for i, prompt in enumerate(chunk):
                 self.rows[prompt] = (hidden[i].cpu(), kept[i].cpu(), lse[i].cpu())
         return True
+
+    def hidden_states(self, limit: int | None = None) -> torch.Tensor:
+        """[prompts, features]: what the head reads, for the first ``limit`` prompts read."""
+        return torch.stack([row[0] for row in list(self.rows.values())[:limit]])
 
     def covers(self, prompts) -> bool:
         return bool(self.rows) and prompts is not None and all(p in self.rows for p in prompts)

@@ -8,14 +8,21 @@ run="${PYTHON:-.venv/bin/python} benchmarks/convergence.py run"
 $run lora-ft --budgets 500,1000,2000,4000
 # The adopted recipe (--preset mezo-head): minutes a curve, since the steps read kept features. Then the second task:
 # the same recipe unchanged against plain MeZO at the rate searched on rt-sst2, and FZOO, the other leaders.
+B=1000,2000,4000,8000,16000,32000,64000
 for seed in 0 1; do
-    $run mezo-head --seed $seed --set lr_zo=3e-3 eps=1e-2
-    $run mezo-head --task rt-subj --seed $seed --set lr_zo=3e-3 eps=1e-2
+    $run mezo-head --seed $seed --set lr_zo=3e-3 eps=1e-2 --budgets $B                 # the last layer
+    $run mezo-head --seed $seed --set lr_zo=3e-3 eps=1e-2 head_layer=20 --budgets $B   # block 20 of 30
+    $run mezo-head --task rt-subj --seed $seed --set lr_zo=3e-3 eps=1e-2 head_layer=20
 done
-$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 --budgets 1000,2000,4000,8000,16000,32000,64000
-$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 lr_schedule=linear
-$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_layer=15      # probes of middle blocks (30 in all)
-$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_layer=21 --budgets 4000,8000,16000,32000,64000
+# Before config format 10 the head measured its scale on random tokens: those curves, for the comparison.
+for seed in 0 1; do
+    $run mezo-head --seed $seed --set lr_zo=3e-3 eps=1e-2 head_scale=random
+    $run mezo-head --task rt-subj --seed $seed --set lr_zo=3e-3 eps=1e-2 head_scale=random
+done
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_scale=random --budgets $B
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_scale=random lr_schedule=linear
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_scale=random head_layer=15
+$run mezo-head --seed 0 --set lr_zo=3e-3 eps=1e-2 head_scale=random head_layer=21 --budgets 4000,8000,16000,32000,64000
 for seed in 0 1; do
     $run mezo --task rt-subj --seed $seed --set lr_zo=1e-4 eps=1e-3
     $run fzoo --task rt-subj --seed $seed --set lr_zo=3e-6 eps=1e-3

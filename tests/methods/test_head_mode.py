@@ -107,7 +107,19 @@ def test_a_head_on_a_middle_block_trains_evaluates_and_replays(tiny_model_dir, t
     assert json.loads(capsys.readouterr().out)["test_accuracy"] == result["test_accuracy"]
     assert cli.main(["replay", "--run", str(out)]) == 0
     assert "bit-identical to the run's head" in capsys.readouterr().out
-    with pytest.raises(UserError, match="--head-layer 3: LlamaForCausalLM has 2 blocks; choose 1 to 2"):
-        Run(config(tiny_model_dir, tmp_path / "bad", peft="head", head_layer=3), False)
+    for layer in (3, -3):
+        with pytest.raises(UserError, match=f"--head-layer {layer}: LlamaForCausalLM has 2 blocks; choose 1 to 2 "
+                           r"\(or -1 to -2, counted from the last\)"):
+            Run(config(tiny_model_dir, tmp_path / "bad", peft="head", head_layer=layer), False)
+    # Counted from the last, as in Python: -2 is the first of two blocks.
+    first = Run(config(tiny_model_dir, tmp_path / "first", peft="head", head_layer=1), False).scorer.head
+    back = Run(config(tiny_model_dir, tmp_path / "back", peft="head", head_layer=-2), False).scorer.head
+    half = Run(config(tiny_model_dir, tmp_path / "half", peft="head", head_layer=0.5), False).scorer.head
+    assert torch.equal(first.scale, back.scale) and torch.equal(first.scale, half.scale)
+    assert not torch.equal(first.scale, Run(
+        config(tiny_model_dir, tmp_path / "last", peft="head", head_layer=-1), False).scorer.head.scale)
     with pytest.raises(UserError, match="--head-layer chooses what the candidate head reads: add --peft head"):
         cfg.from_mapping({"head_layer": 2})
+    for layer in (2.5, -0.5):
+        with pytest.raises(UserError, match=f"--head-layer {layer:g}: give a block's number"):
+            cfg.from_mapping({"peft": "head", "head_layer": layer})

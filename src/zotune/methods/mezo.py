@@ -148,8 +148,10 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
     head_cache: bool = option(True, "--peft head: read every training prompt once, before the first step, and keep "
                               "what the head reads (a hidden state and a few logits per prompt, in host memory): "
                               "the steps then run no forward at all; --no-head-cache: one forward a step")
-    head_layer: int = option(0, "--peft head: the block whose output the head reads (1 to the number of blocks; "
-                             "0: the last layer's normalised output, what the output layer reads)")
+    head_layer: float = option(0, "--peft head: the block whose output the head reads: 1 to the number of "
+                               "blocks, -K for the K-th from the last (-1: the last block), or a fraction of the "
+                               "depth between 0 and 1 (0.67: block 20 of 30); 0: the last layer's normalised output, "
+                               "what the output layer reads")
     head_scale: str = option("prompts", "--peft head: where the head measures each feature's RMS, which its input is "
                              "divided by so that a random direction moves every feature alike: 'prompts', the first "
                              "512 training prompts, read before the first step; 'random', random tokens from a fixed "
@@ -170,6 +172,9 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
                             "--peft and --direction lowrank or sparse")
         if self.head_layer and self.peft != "head":
             raise UserError("--head-layer chooses what the candidate head reads: add --peft head")
+        if abs(self.head_layer) >= 1 and self.head_layer != int(self.head_layer) or -1 < self.head_layer < 0:
+            raise UserError(f"--head-layer {self.head_layer:g}: give a block's number (1, 2, ... or -1, -2, ... from "
+                            "the last) or a fraction of the depth between 0 and 1")
         if self.head_scale != "prompts" and self.peft != "head":
             raise UserError("--head-scale sets how the candidate head reads: add --peft head")
         if self.peft == "head" and self.stacked:
@@ -180,7 +185,7 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
         if self.momentum and self.direction == "lowrank":
             raise UserError("--momentum adds earlier directions again, and a low-rank one depends on the V of its "
                             "interval: use --direction gaussian, rademacher or sparse")
-        check_non_negative(self, "n_samples_final", "normalize_window", "head_layer")
+        check_non_negative(self, "n_samples_final", "normalize_window")
         least = estimator_of(self.estimator).min_samples
         if 0 < self.n_samples_final < least:
             raise UserError(f"--n-samples-final: --estimator {self.estimator} needs at least {least} directions a step")

@@ -32,7 +32,8 @@ FORMAT_KEY = "zotune_format"
 # 2: objective, max_new_tokens, the peft options; 3: parallel, shard; 4: lr_zo and lr_fo for lr and lr_base;
 # 5: sparse_fraction, momentum, momentum_window, n_samples_final; 6: preset, lr_schedule, warmup_steps, normalize_window;
 # 7: reward, temperature, digits, operations, countdown_numbers (objective "auto" is resolved before it is saved);
-# 8: quantize, group_size, keep_quantized; 9: head_cache, head_layer (--peft head); 10: head_scale.
+# 8: quantize, group_size, keep_quantized; 9: head_cache, head_layer (--peft head); 10: head_scale, and head_layer
+# takes a fraction of the depth.
 FORMAT = 10
 
 

@@ -136,7 +136,7 @@ def load_base(config: TrainConfig, device: str | None = None, task=None):
     return model, tokenizer, kind
 
 
-def add_candidate_head(model, tokenizer, task, layer: int = 0, blocks: str = "auto") -> None:
+def add_candidate_head(model, tokenizer, task, layer: float = 0, blocks: str = "auto") -> None:
     if not task.candidates:
         raise UserError(f"--peft head corrects the output layer on the task's candidate words; {task.name} has none "
                         f"(a {task.format.replace('_', ' ')} task): use --peft lora or prefix")
@@ -144,10 +144,12 @@ def add_candidate_head(model, tokenizer, task, layer: int = 0, blocks: str = "au
     source = None
     if layer:
         found = find_blocks(model, blocks).blocks
-        if layer > len(found):
-            raise UserError(f"--head-layer {layer}: {type(model).__name__} has {len(found)} blocks; choose 1 to "
-                            f"{len(found)}, or 0 for the last layer")
-        source = found[layer - 1][1]
+        if not -len(found) <= layer <= len(found):
+            raise UserError(f"--head-layer {layer:g}: {type(model).__name__} has {len(found)} blocks; choose 1 to "
+                            f"{len(found)} (or -1 to -{len(found)}, counted from the last), or 0 for the last layer")
+        if 0 < layer < 1:  # a fraction of the depth
+            layer = max(1, round(layer * len(found)))
+        source = found[int(layer) - 1 if layer > 0 else int(layer)][1]
     try:
         add_head(model, token_ids, source)
     except ValueError as error:

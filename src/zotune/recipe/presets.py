@@ -29,10 +29,12 @@ PRESETS = {preset.name: preset for preset in (
            "MeZO's published settings (OPT-13B; constant lr 1e-6, eps 1e-3, batch 16, one Gaussian direction): "
            "slow on small models, kept to reproduce the paper",
            "Malladi et al. 2023, methods.md §1"),
-    Preset("mezo-head", dict(method="mezo", peft="head", n_samples=64, lr_zo=3e-3, eps=1e-2, batch_size=16),
-           "forward-only on a classification task: zeroth order on the output layer's candidate-word rows (a "
-           "linear probe of the frozen model), 64 directions a step that share one forward of the batch; the "
-           "fastest forward-only recipe on rt-sst2 (BENCHMARKS.md, forward-only convergence)",
+    Preset("mezo-head", dict(method="mezo", peft="head", head_layer=0.67, n_samples=64, lr_zo=3e-3, eps=1e-2,
+                             batch_size=16),
+           "forward-only on a classification task: zeroth order on a correction of the output layer's "
+           "candidate-word rows that reads the block at two thirds of the depth (a linear probe of the frozen "
+           "model), 64 directions a step on features read once; the fastest forward-only recipe on rt-sst2 "
+           "(BENCHMARKS.md, forward-only convergence)",
            "benchmarks/convergence.py, BENCHMARKS.md"),
 )}
 

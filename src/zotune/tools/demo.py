@@ -19,7 +19,8 @@ DEMO = dict(model="smollm2", task="rt-sst2", method="hzo", steps=120, batch_size
 # The forward-only rows' accuracies: benchmarks/convergence.py's committed results (a repository checkout has
 # them), for its curves of the settings below.
 CONVERGENCE = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "convergence.json"
-CURVES = {"mezo": "mezo,eps=1e-3,lr_zo=1e-4", "mezo-head": "mezo-head,eps=1e-2,lr_zo=3e-3"}
+# mezo-head: block 20 of the default model's 30, the block the preset's --head-layer 0.67 reads.
+CURVES = {"mezo": "mezo,eps=1e-3,lr_zo=1e-4", "mezo-head": "mezo-head,eps=1e-2,head_layer=20,lr_zo=3e-3"}
 # bench row -> (memory row, the method's settings, test accuracy on rt-sst2: after 120 steps of 8 from
 # benchmarks/hzo_vs_lora.sh and compare_methods.sh, BENCHMARKS.md, 2026-11-26; the forward-only rows' (None)
 # from the convergence benchmark, whose budgets are larger). mezo-head: its step reads kept features, and the

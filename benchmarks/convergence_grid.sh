@@ -14,4 +14,7 @@ $grid mezo-momentum --lr-zo 1e-5,3e-5 --eps 1e-3
 $grid fzoo --lr-zo 1e-6,3e-6,1e-5 --eps 1e-3
 $grid mezo-normalized --lr-zo 1e-3,3e-3 --eps 1e-3
 $grid mezo-head --lr-zo 1e-3,3e-3,1e-2 --eps 1e-2  # the head: 64 directions a step on kept features
+for lr in 1e-3 3e-3 1e-2; do  # the preset's block (--head-layer 0.67 is block 20 of the default model's 30)
+    ${PYTHON:-.venv/bin/python} benchmarks/convergence.py run mezo-head --set lr_zo=$lr eps=1e-2 head_layer=20 --budgets 4000
+done
 # mezo-nschedule and mezo-linear are still plain MeZO at 4,000: judged on their full curves only

@@ -198,6 +198,9 @@ def plot(curves: list[dict], path: Path) -> None:
                      / sum(1 for c in group for p in c["points"] if p["example_forwards"] == b) for b in budgets]
             axis.plot(budgets, means, marker="o", label=f"{label} ({len(group)} seed{'s' * (len(group) > 1)})")
 
+    # Curves only (a grid point is one number: the table has it), each seed's current run (not one kept aside as
+    # seedN.K-steps when its curve was lengthened).
+    curves = [c for c in curves if len(c["points"]) > 1 and c["folder"] == f"seed{c['seed']}"]
     per_task(curves, path, draw, "example-forwards", "test accuracy", xscale="log")
 
 

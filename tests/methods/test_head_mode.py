@@ -120,6 +120,6 @@ def test_a_head_on_a_middle_block_trains_evaluates_and_replays(tiny_model_dir, t
         config(tiny_model_dir, tmp_path / "last", peft="head", head_layer=-1), False).scorer.head.scale)
     with pytest.raises(UserError, match="--head-layer chooses what the candidate head reads: add --peft head"):
         cfg.from_mapping({"head_layer": 2})
-    for layer in (2.5, -0.5):
+    for layer in (2.5, -0.5, float("inf"), float("nan")):
         with pytest.raises(UserError, match=f"--head-layer {layer:g}: give a block's number"):
             cfg.from_mapping({"peft": "head", "head_layer": layer})

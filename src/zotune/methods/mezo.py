@@ -7,6 +7,7 @@ arguments of :class:`zotune.MeZO`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +173,8 @@ class MeZOConfig(ZOConfig, OffloadOptions, PeftOptions):
                             "--peft and --direction lowrank or sparse")
         if self.head_layer and self.peft != "head":
             raise UserError("--head-layer chooses what the candidate head reads: add --peft head")
-        if abs(self.head_layer) >= 1 and self.head_layer != int(self.head_layer) or -1 < self.head_layer < 0:
+        layer = self.head_layer
+        if not math.isfinite(layer) or abs(layer) >= 1 and layer != int(layer) or -1 < layer < 0:
             raise UserError(f"--head-layer {self.head_layer:g}: give a block's number (1, 2, ... or -1, -2, ... from "
                             "the last) or a fraction of the depth between 0 and 1")
         if self.head_scale != "prompts" and self.peft != "head":

@@ -6,16 +6,19 @@ example-forwards, not steps, so that recipes with more points per step pay for t
 
 Every run trains the default model on ``--task`` (1,000 training examples drawn with the
 run's seed) and is scored on the same 300 test sentences for every seed (the draw of seed
-0), at each budget. Runs live in ``runs/convergence/TASK/LABEL/seedS``, checkpoint every
+0), at each budget. Runs live in ``benchmarks/runs/TASK/LABEL/seedS``, checkpoint every
 25 steps (kilobyte trajectory checkpoints for the zeroth-order recipes) and resume where
-they stopped when the same command runs again, so a long curve spans sessions.
+they stopped when the same command runs again. Those folders are committed (their
+``.gitignore`` leaves out the exported weights), so a long curve spans sessions and
+machines, and every result can be replayed from its trajectory.
 
     python benchmarks/convergence.py run mezo --seed 0 --set lr_zo=1e-5       # one curve
     python benchmarks/convergence.py grid mezo --lr-zo 1e-6,1e-5,1e-4 --eps 1e-3,1e-2 --budget 4000
     python benchmarks/convergence.py table                                     # JSON, Markdown, plot
 
 ``table`` reads every run folder and writes ``benchmarks/results/convergence.json``, a
-Markdown table (stdout) and ``benchmarks/results/convergence.png``.
+Markdown table (stdout) and ``benchmarks/results/convergence.png``. Curves already in the
+JSON whose folders are not here (runs made before the folders were committed) are kept.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from zotune.core.estimate import get as estimator
 from zotune.recipe.config import from_mapping
 from zotune.recipe.train import Interrupted, Run, prepare_output
 
-ROOT = Path("runs/convergence")
+ROOT = Path("benchmarks/runs")  # relative: config.yaml records it, and the folders move with the checkout
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = (4_000, 8_000, 16_000, 32_000)
 COMMON = dict(model="smollm2", n_train=1000, n_dev=0, n_test=300, batch_size=16, eval_batch_size=32, max_length=64,
@@ -176,6 +179,19 @@ def read_curves() -> list[dict]:
     return curves
 
 
+def merged(curves: list[dict], previous: Path) -> list[dict]:
+    """The curves read from the run folders, and those of ``previous`` (the committed JSON) whose folders are gone
+    or are further along there (a run started again from scratch): their numbers stay in the results."""
+    def key(curve):
+        return curve["task"], curve["label"], curve["seed"], curve["folder"]
+
+    best = {key(curve): curve for curve in json.loads(previous.read_text())} if previous.is_file() else {}
+    for curve in curves:
+        if len(curve["points"]) >= len(best.get(key(curve), {}).get("points", ())):
+            best[key(curve)] = curve
+    return [best[k] for k in sorted(best)]
+
+
 def table(curves: list[dict]) -> str:
     budgets = sorted({p["example_forwards"] for c in curves for p in c["points"]})
     lines = [f"| task | recipe | seed | {' | '.join(f'{b:,}' for b in budgets)} | s to last | peak RSS (MB) |",
@@ -236,7 +252,7 @@ def main(argv=None) -> int:
             train_curve(args.task, args.recipe, dict(zip(axes, combination)), args.seed, stop_at=args.budget)
             print(f"  ({time.perf_counter() - begin:.0f} s)", flush=True)
     else:
-        curves = read_curves()
+        curves = merged(read_curves(), RESULTS / "convergence.json")
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "convergence.json").write_text(json.dumps(curves, indent=1))
         print(table(curves))

@@ -186,3 +186,24 @@ def test_without_kept_buffers_no_perturbed_copy_outlives_its_module(keep):
         for handle in handles:
             handle.remove()
     assert perturbed[-1] is not None and alive == [keep]
+
+
+
+def test_stacked_dense_copies_run_each_row_once(family):
+    """A module run per copy computes the first copy in its stacked call: no row is computed twice."""
+    from tests.core.test_optim import stacked_closure
+
+    model = tiny_model(family)
+    optimizer = zotune.MeZO(model.named_parameters(), lr=1e-6, estimator="fzoo", n_samples=3, stacked=True)
+    optimizer.step(stacked_closure(model, batch=3))  # the first step also probes, unstacked
+    rows = {}
+    handle = module_impl.register_module_forward_hook(
+        lambda module, args, output: rows.setdefault(module, []).append(args[0].shape[0])
+        if isinstance(module, nn.Linear) else None)
+    try:
+        optimizer.step(stacked_closure(model, batch=3, seed=1))
+    finally:
+        handle.remove()
+    assert rows
+    for calls in rows.values():  # 4 copies (3 directions and W), each on its own rows, never all of them at once
+        assert len(calls) == 4 and len(set(calls)) == 1

@@ -23,6 +23,8 @@ seen while no owner of it is running.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -180,9 +182,9 @@ class StackedPerturbation(Perturbation):
 
     The batch is repeated once per copy along dim 0, copy-major; copy k sees
     ``W + eps_k z_k``. Output deltas are applied per copy. A module owning parameters
-    without an output delta (norms, dense directions) is run again on each copy's slice
-    with that copy's weights substituted; a cheap price for norms, no saving for a dense
-    Linear. Parameters read outside their owners cannot be stacked.
+    without an output delta (norms, dense directions) is run on each copy's rows with that
+    copy's weights substituted, the stacked call itself taking the first copy: no row is
+    computed twice. Parameters read outside their owners cannot be stacked.
     """
 
     def __init__(self, params: list[PerturbedParam], copies: list[tuple[Draw, float]]):
@@ -192,15 +194,32 @@ class StackedPerturbation(Perturbation):
         self._rerun: dict[int, list[PerturbedParam]] = {}
         self._total: int | None = None  # the repeated batch, learnt from the first batch-major output
         self._rerunning = False
+        # module id -> (its stacked arguments, its weights) while its stacked call computes the first copy
+        self._held: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
 
     def _before_forward(self, module: nn.Module, args):
-        if not self._rerunning:  # a rerun is a plain call: other hooks (factored updates) see it, not this one
-            super()._before_forward(module, args)
+        if self._rerunning:  # a rerun is a plain call: other hooks (factored updates) see it, not this one
+            return None
+        super()._before_forward(module, args)
+        rows = args[0].shape[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].ndim else 0
+        # A global pre-hook cannot see keyword arguments, so only a module whose forward takes one input (Linear,
+        # Embedding, norms) is cut to the first copy's rows; a batch broadcast to every copy (1 row) is not cut.
+        if id(module) not in self._rerun or rows < 2 or rows % len(self.copies) or not _one_input(type(module)):
+            return None
+        draw, eps = self.copies[0]
+        self._held[id(module)] = (args, _swap_in_copy(self._rerun[id(module)], draw, eps))
+        return _copy_slice(args, 0, rows // len(self.copies), rows)
 
     def __enter__(self) -> StackedPerturbation:
         self._handles = [register_module_forward_pre_hook(self._before_forward),
                          register_module_forward_hook(self._after_stacked, with_kwargs=True, always_call=True)]
         return self
+
+    def __exit__(self, *exc_info) -> None:
+        for module_id, (_, originals) in self._held.items():  # a forward that failed before its hook ran
+            _swap_back(self._rerun.get(module_id, []), originals)
+        self._held.clear()
+        super().__exit__(*exc_info)
 
     def _substitute(self, module: nn.Module, item: PerturbedParam) -> None:
         if next(module.children(), None) is not None:
@@ -222,11 +241,18 @@ class StackedPerturbation(Perturbation):
         for item in self._owned(module):
             self._inside[id(item.param)] -= 1
         rerun, deltas = self._rerun.pop(id(module), []), self._deltas.pop(id(module), [])
+        held = self._held.pop(id(module), None)
+        if held is not None:
+            _swap_back(rerun, held[1])
         if not rerun and not deltas:
             return None
         copies = len(self.copies)
         shared = isinstance(output, torch.Tensor) and output.ndim > 0 and output.shape[0] == 1 and copies > 1
-        if shared and self._total is not None:  # broadcast over the batch (GPT-2's positions): one row per copy
+        total = output.shape[0] if isinstance(output, torch.Tensor) and output.ndim > 0 else 0
+        if held is not None:  # it computed the first copy's rows: the others run below
+            args, shared, total = held[0], False, held[0][0].shape[0]
+            size, self._total = total // copies, self._total or total
+        elif shared and self._total is not None:  # broadcast over the batch (GPT-2's positions): one row per copy
             size = 1
         elif isinstance(output, torch.Tensor) and output.ndim > 0 and output.shape[0] % copies == 0:
             size = output.shape[0] // copies
@@ -242,23 +268,48 @@ class StackedPerturbation(Perturbation):
             return output
         pieces = []
         for k, (draw, eps) in enumerate(self.copies):
-            part_args, part_kwargs = (args, kwargs) if shared else _copy_slice((args, kwargs), k, size, output.shape[0])
-            piece = output.clone() if shared else output[k * size : (k + 1) * size]
-            if rerun:
-                originals = [item.param.data for item in rerun]
+            part_args, part_kwargs = (args, kwargs) if shared else _copy_slice((args, kwargs), k, size, total)
+            piece = output.clone() if shared else output if held is not None else output[k * size : (k + 1) * size]
+            if rerun and not (held is not None and k == 0):
+                originals = _swap_in_copy(rerun, draw, eps)
                 try:
-                    for item, original in zip(rerun, originals):
-                        item.param.data = item.direction.perturbed(original, item.key, draw, eps)
                     self._rerunning = True
                     piece = module(*part_args, **part_kwargs)
                 finally:
                     self._rerunning = False
-                    for item, original in zip(rerun, originals):
-                        item.param.data = original
+                    _swap_back(rerun, originals)
             for item in deltas:
                 piece = item.direction.perturb_output(module, item.param, part_args, piece, item.key, draw, eps)
             pieces.append(piece.expand(self._total // copies, *piece.shape[1:]) if shared else piece)
         return torch.cat(pieces)
+
+
+@functools.cache
+def _one_input(kind: type) -> bool:
+    try:
+        inputs = list(inspect.signature(kind.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    return len(inputs) == 1 and inputs[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _swap_in_copy(items: list[PerturbedParam], draw: Draw, eps: float) -> list[torch.Tensor]:
+    """Gives each parameter the weights of one copy; returns the originals, for :func:`_swap_back`."""
+    originals = []
+    try:
+        for item in items:
+            originals.append(item.param.data)
+            item.param.data = item.direction.perturbed(item.param.data, item.key, draw, eps)
+    except BaseException:
+        _swap_back(items, originals)
+        raise
+    return originals
+
+
+def _swap_back(items: list[PerturbedParam], originals: list[torch.Tensor]) -> None:
+    for item, original in zip(items, originals):
+        item.param.data = original
 
 
 def _copy_slice(tree, k: int, size: int, total: int):

@@ -217,7 +217,7 @@ def plot(curves: list[dict], path: Path) -> None:
     # Curves only (a grid point is one number: the table has it), each seed's current run (not one kept aside as
     # seedN.K-steps when its curve was lengthened).
     curves = [c for c in curves if len(c["points"]) > 1 and c["folder"] == f"seed{c['seed']}"]
-    per_task(curves, path, draw, "example-forwards", "test accuracy", xscale="log")
+    per_task(curves, path, draw, "example-forwards", "test accuracy", xscale="log", legend_below=True)
 
 
 def main(argv=None) -> int:

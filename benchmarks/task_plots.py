@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def per_task(curves: list[dict], path: Path, draw, xlabel: str, ylabel: str, xscale: str = "linear") -> None:
-    """``draw(axis, curves of one task)`` on a panel per task, labelled, saved to ``path``."""
+def per_task(curves: list[dict], path: Path, draw, xlabel: str, ylabel: str, xscale: str = "linear",
+             legend_below: bool = False) -> None:
+    """``draw(axis, curves of one task)`` on a panel per task, labelled, saved to ``path``; ``legend_below``: the
+    legend under each panel, for panels with more lines than room."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,6 +20,12 @@ def per_task(curves: list[dict], path: Path, draw, xlabel: str, ylabel: str, xsc
         draw(axis, [c for c in curves if c["task"] == task])
         axis.set(xscale=xscale, xlabel=xlabel, ylabel=ylabel, title=task)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if legend_below:
+            axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.2))
+        else:
+            axis.legend(fontsize=7)
+    if legend_below:  # room for the longest legend, the panels keeping their height
+        entries = max(len(axis.get_legend_handles_labels()[1]) for axis in axes[0])
+        figure.set_size_inches(7 * len(tasks_seen), 4.5 + 0.2 * entries)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight" if legend_below else None)

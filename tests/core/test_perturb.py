@@ -188,7 +188,6 @@ def test_without_kept_buffers_no_perturbed_copy_outlives_its_module(keep):
     assert perturbed[-1] is not None and alive == [keep]
 
 
-
 def test_stacked_dense_copies_run_each_row_once(family):
     """A module run per copy computes the first copy in its stacked call: no row is computed twice."""
     from tests.core.test_optim import stacked_closure

@@ -254,9 +254,9 @@ class StackedPerturbation(Perturbation):
             size, self._total = total // copies, self._total or total
         elif shared and self._total is not None:  # broadcast over the batch (GPT-2's positions): one row per copy
             size = 1
-        elif isinstance(output, torch.Tensor) and output.ndim > 0 and output.shape[0] % copies == 0:
-            size = output.shape[0] // copies
-            self._total = self._total or output.shape[0]
+        elif isinstance(output, torch.Tensor) and output.ndim > 0 and total % copies == 0:
+            size = total // copies
+            self._total = self._total or total
         else:
             raise ValueError(f"stacked evaluation: {type(module).__name__} must return a tensor whose first "
                              f"dimension is the batch repeated {copies} times")
@@ -269,8 +269,9 @@ class StackedPerturbation(Perturbation):
         pieces = []
         for k, (draw, eps) in enumerate(self.copies):
             part_args, part_kwargs = (args, kwargs) if shared else _copy_slice((args, kwargs), k, size, total)
-            piece = output.clone() if shared else output if held is not None else output[k * size : (k + 1) * size]
-            if rerun and not (held is not None and k == 0):
+            computed = held is not None and k == 0  # by the stacked call
+            piece = output if computed else output.clone() if shared else output[k * size : (k + 1) * size]
+            if rerun and not computed:
                 originals = _swap_in_copy(rerun, draw, eps)
                 try:
                     self._rerunning = True

@@ -9,9 +9,8 @@ run="${PYTHON:-.venv/bin/python} benchmarks/convergence.py run"
 B=1000,2000,4000,8000,16000,32000,64000
 
 # The leaders besides the head: plain MeZO at its best rate at 4,000 and FZOO (the 4,000 grid's leader), both
-# seeds, and on the second task. Their seed-0 curves on rt-sst2 (and plain MeZO's on rt-subj) were run before the
-# run folders were committed: their numbers are in benchmarks/results/convergence.json, and these commands
-# reproduce them.
+# seeds, and on the second task. Plain MeZO's seed-0 curves were run before the run folders were committed: their
+# numbers are in benchmarks/results/convergence.json, and these commands run them again.
 for seed in 1 0; do
     $run mezo --seed $seed --set lr_zo=1e-4 eps=1e-3
     $run fzoo --seed $seed --set lr_zo=3e-6 eps=1e-3
